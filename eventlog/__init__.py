@@ -1,0 +1,73 @@
+"""eventlog: a durable, replayable event log in one SQLite file, with consumer groups."""
+
+from __future__ import annotations
+
+from ._async import AsyncLog, AsyncWaiter, open
+from ._core import Event, Limits, TopicInfo
+from ._sync import Draft, SyncLog, WaitResult, append_in_transaction
+from .errors import (
+    CorruptDatabase,
+    DatabaseBusy,
+    DeadLetterError,
+    DiskFull,
+    EventlogError,
+    GroupBusy,
+    InvalidArgument,
+    InvalidName,
+    InvalidPayload,
+    LogClosed,
+    LogForked,
+    NotAnEventlogDatabase,
+    NotFound,
+    PayloadTooLarge,
+    ReadOnlyDatabase,
+    SchemaTooNew,
+    StorageError,
+    TopicConflict,
+    UnsupportedFilesystem,
+)
+
+__version__ = "0.1.0"
+
+
+def open_sync(path: str, **options: object) -> SyncLog:
+    """Open (creating and migrating if needed) the log at `path`, blocking API.
+
+    Takes the same options as `eventlog.open`; use it as a context manager.
+    """
+    return SyncLog(path, **options)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "AsyncLog",
+    "AsyncWaiter",
+    "CorruptDatabase",
+    "DatabaseBusy",
+    "DeadLetterError",
+    "DiskFull",
+    "Draft",
+    "Event",
+    "EventlogError",
+    "GroupBusy",
+    "InvalidArgument",
+    "InvalidName",
+    "InvalidPayload",
+    "Limits",
+    "LogClosed",
+    "LogForked",
+    "NotAnEventlogDatabase",
+    "NotFound",
+    "PayloadTooLarge",
+    "ReadOnlyDatabase",
+    "SchemaTooNew",
+    "StorageError",
+    "SyncLog",
+    "TopicConflict",
+    "TopicInfo",
+    "UnsupportedFilesystem",
+    "WaitResult",
+    "__version__",
+    "append_in_transaction",
+    "open",
+    "open_sync",
+]

@@ -1,0 +1,452 @@
+"""AsyncLog: the log on aiosqlite, with group commit and signalled follow.
+
+Every transaction is one hop to aiosqlite's worker thread: the whole plan runs there through
+the same `_db.drive` the sync shell uses. A hop costs as much as ~10 raw inserts, so hopping
+per statement (aiosqlite's public API) would cost several hops per append. aiosqlite has no
+public call for running our function on its thread, so this uses `Connection._execute`, which
+every aiosqlite release since 0.17 has; `open` checks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from . import _core, _db, _sql
+from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, TopicCache, TopicInfo
+from ._locks import FileLock
+from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
+from ._wake import WakeListener, WakeSender
+from .errors import EventlogError, InvalidArgument, LogClosed, LogForked
+
+log = logging.getLogger("eventlog")
+T = TypeVar("T")
+
+# Group commit: how many queued events one transaction takes at most.
+MAX_GROUP_COMMIT = 5000
+
+
+class AsyncLog:
+    """The event log, asyncio API. Open with `async with eventlog.open(path) as log`.
+
+    Appends from many coroutines are committed together (group commit); each caller gets its
+    offset only after the transaction holding its event committed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: _db.Durability = "full",
+        busy_timeout: float = 10.0,
+        limits: Limits = DEFAULT_LIMITS,
+        default_partitions: int = 1,
+        create: bool = True,
+        allow_network_fs: bool = False,
+    ) -> None:
+        self.paths = _db.Paths.for_db(path)
+        self.durability = durability
+        self.limits = limits
+        self.default_partitions = _core.check_partitions(default_partitions, limits)
+        self._busy_ms = int(busy_timeout * 1000)
+        self._create = create
+        self._allow_network_fs = allow_network_fs
+        self._cache = TopicCache()
+        self._pending: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._aconn: aiosqlite.Connection | None = None
+        self._write_lock: FileLock | None = None
+        self._wake: WakeSender | None = None
+        self._pid = os.getpid()
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def _open(self) -> AsyncLog:
+        paths = self.paths
+        _db.check_filesystem(paths, self._allow_network_fs)
+        _db.prepare_files(paths, create=self._create)
+        self._write_lock = FileLock(paths.write_lock)
+        self._wake = WakeSender(paths.wake_folder)
+
+        def connector() -> sqlite3.Connection:
+            conn = _db.connect(paths, durability=self.durability, busy_timeout_ms=self._busy_ms)
+            try:
+                _db.migrate(conn, self._write_lock)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        aconn = aiosqlite.Connection(connector, iter_chunk_size=256)
+        if not hasattr(aconn, "_execute"):
+            raise EventlogError(
+                "this aiosqlite lacks Connection._execute",
+                hint="install an aiosqlite release between 0.17 and 0.22",
+            )
+        try:
+            await aconn  # on failure aiosqlite stops its own thread
+        except BaseException:
+            self._write_lock.close()
+            self._wake.close()
+            raise
+        self._aconn = aconn
+        return self
+
+    async def close(self) -> None:
+        """Finish queued appends, then close. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid:
+            return  # nothing of the parent's may be touched in a child
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        if self._aconn is not None:
+            await self._aconn.close()
+        if self._write_lock is not None:
+            self._write_lock.close()
+        if self._wake is not None:
+            self._wake.close()
+
+    async def __aenter__(self) -> AsyncLog:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_aconn", None) is not None:
+            warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
+                          stacklevel=2)  # fmt: skip
+
+    def _check(self) -> aiosqlite.Connection:
+        if self._closed or self._aconn is None:
+            raise LogClosed(f"the log {self.paths.db} is closed")
+        if os.getpid() != self._pid:
+            raise LogForked(
+                "this AsyncLog was opened before fork(); its connection belongs to the parent"
+            )
+        return self._aconn
+
+    async def run(self, plan: Plan[T], mode: Mode) -> T:
+        """Drive a plan in one hop to the connection's thread."""
+        aconn = self._check()
+        return await aconn._execute(  # type: ignore[no-any-return]
+            _db.drive, aconn._conn, plan, mode, self._write_lock
+        )
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        dedupe_key: str | None = None,
+    ) -> int:
+        """Append one event; returns its offset once the commit holding it is durable.
+
+        Cancelling the call may still let the event commit (it may already be in a shared
+        transaction); use `dedupe_key` to make a retry safe.
+        """
+        encoded = _core.encode_event(topic, payload, key, headers, dedupe_key, self.limits)
+        return (await self._append([encoded]))[0]
+
+    async def append_many(self, drafts: Iterable[Draft]) -> list[int]:
+        """Append all drafts in one transaction: all of them commit, or none."""
+        encoded = encode_drafts(drafts, self.limits)
+        return await self._append(encoded) if encoded else []
+
+    def _append(self, encoded: Sequence[EncodedEvent]) -> Awaitable[list[int]]:
+        self._check()
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((encoded, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        return future
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
+            size = 0
+            while self._pending and (not batch or size + len(self._pending[0][0]) <= MAX_GROUP_COMMIT):
+                entry = self._pending.pop(0)
+                if entry[1].done():
+                    continue  # its caller was cancelled before the transaction began
+                batch.append(entry)
+                size += len(entry[0])
+            if not batch:
+                continue
+            flat = [e for encoded, _ in batch for e in encoded]
+            try:
+                offsets = await self.run(
+                    _core.append_plan(flat, self._cache, self.default_partitions), "write"
+                )
+            except BaseException as exc:
+                self._cache = TopicCache()
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            assert self._wake is not None
+            self._wake.notify()
+            i = 0
+            for encoded, future in batch:
+                if not future.done():
+                    future.set_result(offsets[i : i + len(encoded)])
+                i += len(encoded)
+
+    async def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = True) -> bool:
+        """Create a topic with a fixed partition count; False if it already existed."""
+        _core.check_name(name, "topic", self.limits)
+        _core.check_partitions(partitions, self.limits)
+        return await self.run(
+            _core.create_topic_plan(name, partitions, self._cache, exist_ok=exist_ok), "write"
+        )
+
+    def notify(self) -> None:
+        """Wake every waiting reader now (after an outbox append committed elsewhere)."""
+        self._check()
+        assert self._wake is not None
+        self._wake.notify()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def head(self) -> int:
+        """The largest offset ever handed out (0 for a fresh log)."""
+        return await self.run(_core.head_plan(), "none")
+
+    async def topics(self) -> list[TopicInfo]:
+        return await self.run(_core.topics_plan(), "read")
+
+    async def get(self, offset: int) -> Event | None:
+        return await self.run(_core.read_event_plan(offset), "none")
+
+    def read(
+        self,
+        topics: str | Sequence[str],
+        *,
+        start: str | int | datetime = "earliest",
+        follow: bool = False,
+        limit: int | None = None,
+        page: int = 500,
+        stop: asyncio.Event | None = None,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Events of the topics (names or patterns) after `start`, in offset order.
+
+        Reads in pages, never holding a read transaction between them. With `follow`, waits
+        for new commits from any process without polling hard; ends when `stop` is set or
+        after `idle_timeout` seconds without a new event.
+        """
+        start = _core.check_start(start)
+        _core.compile_patterns(topics)
+        if limit is not None and limit < 0:
+            raise InvalidArgument(f"limit must be >= 0, got {limit}")
+        return self._read(topics, start, follow, limit, page, stop, idle_timeout)
+
+    async def _read(
+        self,
+        topics: str | Sequence[str],
+        start: str | int | datetime,
+        follow: bool,
+        limit: int | None,
+        page: int,
+        stop: asyncio.Event | None,
+        idle_timeout: float | None,
+    ) -> AsyncIterator[Event]:
+        waiter = self.waiter() if follow else None
+        try:
+            cursor = await self.run(_core.open_cursor_plan(topics, start), "read")
+            delivered = 0
+            refresh = False
+            while limit is None or delivered < limit:
+                events = await self.run(_core.read_page_plan(cursor, page, refresh), "read")
+                refresh = False
+                for event in events:
+                    yield event
+                    delivered += 1
+                    if limit is not None and delivered >= limit:
+                        return
+                if events:
+                    continue
+                if waiter is None or not await waiter.wait(stop, idle_timeout):
+                    return
+                refresh = True
+        finally:
+            if waiter is not None:
+                waiter.close()
+
+    async def wait_for(
+        self,
+        topics: str | Sequence[str],
+        *,
+        match: Callable[[Event], bool] | None = None,
+        after: int | None = None,
+        timeout: float | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> WaitResult:
+        """The first event after `after` (default: the head now) that `match` accepts.
+
+        Returns WaitResult("received", event), ("timed_out", None) or ("cancelled", None)
+        when `cancel` is set. Note the head before starting the work that appends the event:
+        it cannot be missed, even if it commits before this call starts waiting.
+        """
+        _core.compile_patterns(topics)
+        if after is None:
+            after = await self.head()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = self.waiter()
+        try:
+            cursor = await self.run(_core.open_cursor_plan(topics, after + 1), "read")
+            refresh = False
+            while True:
+                events = await self.run(_core.read_page_plan(cursor, 500, refresh), "read")
+                refresh = False
+                for event in events:
+                    if match is None or match(event):
+                        return WaitResult("received", event)
+                if events:
+                    continue
+                if cancel is not None and cancel.is_set():
+                    return WaitResult("cancelled", None)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return WaitResult("timed_out", None)
+                if not await waiter.wait(cancel, remaining):
+                    if cancel is not None and cancel.is_set():
+                        return WaitResult("cancelled", None)
+                    return WaitResult("timed_out", None)
+                refresh = True
+        finally:
+            waiter.close()
+
+    def waiter(self) -> AsyncWaiter:
+        """A wake-up subscription; make it before the first read it should cover."""
+        self._check()
+        return AsyncWaiter(self.paths, self.durability, self._busy_ms)
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """Checkpoint the WAL and truncate it; returns (busy, wal pages, checkpointed)."""
+
+        def plan() -> Plan[list[_core.Row]]:
+            rows = yield _core.Stmt(_sql.CHECKPOINT_TRUNCATE)
+            return rows
+
+        busy, pages, done = (await self.run(plan(), "none"))[0]
+        return int(busy), int(pages), int(done)
+
+
+class AsyncWaiter:
+    """Waits on the event loop for another process's commit: a datagram on our socket, or a
+    changed data_version on the slow fallback poll. Holds no read transaction while waiting.
+    """
+
+    def __init__(self, paths: _db.Paths, durability: _db.Durability, busy_ms: int) -> None:
+        self.listener = WakeListener(paths.wake_folder)
+        try:
+            # Used on the loop thread: PRAGMA data_version reads the WAL index and never waits.
+            conn = _db.connect(paths, durability=durability, busy_timeout_ms=busy_ms)
+            self.watch = DatabaseWatch(paths, conn)
+        except BaseException:
+            self.listener.close()
+            raise
+        self._signal = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._fd = self.listener.fileno()
+        if self._fd >= 0:
+            self._loop.add_reader(self._fd, self._signal.set)
+
+    def poke(self) -> None:
+        """Wake the waiter from inside this process (for example, a stop request)."""
+        self._signal.set()
+
+    async def wait(self, stop: asyncio.Event | None, timeout: float | None) -> bool:
+        """True when something new may be there; False on stop or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if stop is not None and stop.is_set():
+                return False
+            if self._signal.is_set():
+                self._signal.clear()
+                self.listener.drain()
+                return True
+            if self.watch.changed():
+                self.listener.drain()
+                return True
+            step = FALLBACK_POLL_S if self._fd >= 0 else 0.005
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._signal.wait())]
+            if stop is not None:
+                waits.append(asyncio.ensure_future(stop.wait()))
+            try:
+                await asyncio.wait(waits, timeout=step, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+        self.listener.close()
+        self.watch.close()
+
+
+class _Opener:
+    """What `eventlog.open()` returns: awaitable and an async context manager."""
+
+    def __init__(self, log: AsyncLog) -> None:
+        self._log = log
+
+    def __await__(self) -> Generator[Any, None, AsyncLog]:
+        return self._log._open().__await__()
+
+    async def __aenter__(self) -> AsyncLog:
+        return await self._log._open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._log.close()
+
+
+def open(  # noqa: A001 - the natural name, as in open_sync
+    path: str | os.PathLike[str],
+    *,
+    durability: _db.Durability = "full",
+    busy_timeout: float = 10.0,
+    limits: Limits = DEFAULT_LIMITS,
+    default_partitions: int = 1,
+    create: bool = True,
+    allow_network_fs: bool = False,
+) -> _Opener:
+    """Open (creating and migrating if needed) the log at `path`.
+
+    `durability="full"` (default) survives power loss; "normal" survives any process crash
+    but may lose the last commits to an OS crash or power cut, and is much faster for
+    one-at-a-time appends.
+    """
+    return _Opener(
+        AsyncLog(path, durability=durability, busy_timeout=busy_timeout, limits=limits,
+                 default_partitions=default_partitions, create=create,
+                 allow_network_fs=allow_network_fs)
+    )  # fmt: skip

@@ -1,0 +1,494 @@
+"""Pure logic shared by both shells: validation, strict JSON, partitioning, topic patterns,
+start positions, rows to events, and the operation plans.
+
+A plan is a generator that yields `Stmt`s and receives each statement's rows; a shell drives
+it inside one transaction. Nothing here imports sqlite3, aiosqlite or asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias, TypeVar
+
+from . import _sql
+from .errors import InvalidArgument, InvalidName, InvalidPayload, PayloadTooLarge, TopicConflict
+
+T = TypeVar("T")
+Row: TypeAlias = tuple[Any, ...]
+Lane: TypeAlias = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class Stmt:
+    sql: str
+    params: Sequence[Any] | Iterable[Sequence[Any]] = ()
+    many: bool = False
+
+
+Plan: TypeAlias = Generator[Stmt, list[Row], T]
+Mode: TypeAlias = Literal["write", "read", "none"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- limits and validation --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Input limits; every append is checked against them before any statement runs."""
+
+    max_payload_bytes: int = 1 << 20
+    max_key_length: int = 1024
+    max_headers: int = 64
+    max_header_length: int = 4096
+    max_name_length: int = 200
+    max_partitions: int = 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+_SEGMENT = r"[A-Za-z0-9_-]+"
+_NAME_RE = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
+_PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT}|\*|#")
+
+
+def check_name(name: object, what: str = "topic", limits: Limits = DEFAULT_LIMITS) -> str:
+    """A topic or group name: segments of [A-Za-z0-9_-] joined by single dots."""
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} name must be a string, got {type(name).__name__}")
+    if not name or len(name) > limits.max_name_length or not _NAME_RE.fullmatch(name):
+        raise InvalidName(
+            f"invalid {what} name {name!r}: use 1-{limits.max_name_length} letters, digits, "
+            "'_' or '-', in segments joined by single dots"
+        )
+    return name
+
+
+def is_pattern(text: str) -> bool:
+    return "*" in text or "#" in text
+
+
+def check_pattern(pattern: object) -> str:
+    """A topic name or an AMQP-style pattern: `*` is one segment, `#` any number (even none)."""
+    if not isinstance(pattern, str):
+        raise InvalidName(f"topic pattern must be a string, got {type(pattern).__name__}")
+    if not is_pattern(pattern):
+        return check_name(pattern)
+    segments = pattern.split(".")
+    if not all(_PATTERN_SEGMENT_RE.fullmatch(s) for s in segments):
+        raise InvalidName(
+            f"invalid topic pattern {pattern!r}: each dot-separated segment is a name, "
+            "'*' (one segment) or '#' (any number of segments)"
+        )
+    return pattern
+
+
+def compile_patterns(patterns: str | Sequence[str]) -> re.Pattern[str]:
+    """One regex matching any of the given topic names or patterns; use `topic_matches`."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        raise InvalidArgument("subscribe to at least one topic or pattern")
+    alternatives = []
+    for pattern in patterns:
+        check_pattern(pattern)
+        # Matched against "." + topic, so that every segment carries its own leading dot
+        # and '#' can match no segment at all.
+        parts = []
+        for segment in pattern.split("."):
+            if segment == "#":
+                parts.append(rf"(?:\.{_SEGMENT})*")
+            elif segment == "*":
+                parts.append(rf"\.{_SEGMENT}")
+            else:
+                parts.append(r"\." + re.escape(segment))
+        alternatives.append("".join(parts))
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
+
+
+def topic_matches(compiled: re.Pattern[str], topic: str) -> bool:
+    return compiled.fullmatch("." + topic) is not None
+
+
+def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int:
+    if (
+        not isinstance(partitions, int)
+        or isinstance(partitions, bool)
+        or not 1 <= partitions <= limits.max_partitions
+    ):
+        raise InvalidArgument(
+            f"partitions must be an integer from 1 to {limits.max_partitions}, got {partitions!r}"
+        )
+    return partitions
+
+
+def encode_json(value: Any, what: str = "payload") -> str:
+    """Strict JSON: no NaN/Infinity, no silent conversion of unknown types."""
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidPayload(f"{what} is not plain JSON: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event checked and encoded, ready for INSERT_EVENT (partition still to choose)."""
+
+    topic: str
+    key: str | None
+    payload: str
+    headers: str | None
+    dedupe_key: str | None
+
+
+def _check_text(value: object, what: str, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > max_length:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {max_length}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} is not valid unicode text: {exc}") from exc
+    return value
+
+
+def encode_event(
+    topic: str,
+    payload: Any,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    dedupe_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> EncodedEvent:
+    """Validate and encode one event; raises a typed error and touches nothing on bad input."""
+    check_name(topic, "topic", limits)
+    text = encode_json(payload)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidPayload(f"payload holds text that is not valid unicode: {exc}") from exc
+    if size > limits.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"payload is {size} bytes as JSON; the limit is {limits.max_payload_bytes} bytes"
+        )
+    if key is not None:
+        _check_text(key, "key", limits.max_key_length)
+    headers_text = None
+    if headers is not None:
+        if not isinstance(headers, Mapping):
+            raise InvalidArgument(
+                f"headers must be a mapping of str to str, got {type(headers).__name__}"
+            )
+        if len(headers) > limits.max_headers:
+            raise InvalidArgument(
+                f"{len(headers)} headers given; the limit is {limits.max_headers}"
+            )
+        for name, value in headers.items():
+            _check_text(name, "header name", limits.max_header_length)
+            _check_text(value, f"header {name!r}", limits.max_header_length)
+        if headers:
+            headers_text = encode_json(dict(headers), "headers")
+    if dedupe_key is not None:
+        _check_text(dedupe_key, "dedupe_key", limits.max_key_length)
+    return EncodedEvent(topic, key, text, headers_text, dedupe_key)
+
+
+def partition_for(key: str | None, partitions: int, spread: int) -> int:
+    """Stable across processes and versions: crc32 of the key; keyless events go round robin."""
+    if partitions == 1:
+        return 0
+    if key is None:
+        return spread % partitions
+    return zlib.crc32(key.encode("utf-8")) % partitions
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed event. `offset` is unique in the log and grows with every append."""
+
+    offset: int
+    topic: str
+    partition: int
+    key: str | None
+    payload: Any
+    headers: Mapping[str, str]
+    timestamp_ms: int
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, UTC)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "topic": self.topic,
+            "partition": self.partition,
+            "key": self.key,
+            "payload": self.payload,
+            "headers": dict(self.headers),
+            "timestamp_ms": self.timestamp_ms,
+        }
+
+
+_EMPTY_HEADERS: Mapping[str, str] = {}
+_loads = json.loads
+
+
+def row_to_event(row: Row) -> Event:
+    offset, topic, partition, key, payload, headers, created_at = row
+    return Event(
+        offset,
+        topic,
+        partition,
+        key,
+        _loads(payload),
+        _loads(headers) if headers else _EMPTY_HEADERS,
+        created_at,
+    )
+
+
+# -- start positions --------------------------------------------------------------------------
+
+StartSpec: TypeAlias = "Literal['earliest', 'latest'] | int | datetime"
+
+
+def check_start(start: object) -> str | int | datetime:
+    """earliest, latest, an offset (the first one delivered) or a time (aware or UTC)."""
+    if start in ("earliest", "latest"):
+        return start  # type: ignore[return-value]
+    if isinstance(start, bool):
+        raise InvalidArgument(f"invalid start {start!r}")
+    if isinstance(start, int):
+        if start < 0:
+            raise InvalidArgument(f"start offset must be >= 0, got {start}")
+        return start
+    if isinstance(start, datetime):
+        return start
+    raise InvalidArgument(
+        f"invalid start {start!r}: use 'earliest', 'latest', an offset or a datetime"
+    )
+
+
+def datetime_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def start_position_plan(lane: Lane, start: str | int | datetime) -> Plan[int]:
+    """The position (last offset treated as done) a reader or new group starts a lane at."""
+    if start == "earliest":
+        return 0
+    if start == "latest":
+        rows = yield Stmt(_sql.HEAD_OFFSET)
+        return int(rows[0][0])
+    if isinstance(start, int):
+        return max(start - 1, 0)
+    assert isinstance(start, datetime)
+    rows = yield Stmt(_sql.FIRST_OFFSET_AT_TIME, (lane[0], lane[1], datetime_ms(start)))
+    if rows[0][0] is not None:
+        return int(rows[0][0]) - 1
+    rows = yield Stmt(_sql.HEAD_OFFSET)
+    return int(rows[0][0])
+
+
+# -- topics and appends -----------------------------------------------------------------------
+
+
+@dataclass
+class TopicCache:
+    """Partition counts (fixed once a topic exists) and the keyless round-robin counters."""
+
+    partitions: dict[str, int] = field(default_factory=dict)
+    spread: dict[str, int] = field(default_factory=dict)
+
+    def next_spread(self, topic: str) -> int:
+        n = self.spread.get(topic, 0)
+        self.spread[topic] = n + 1
+        return n
+
+
+def create_topic_plan(
+    topic: str, partitions: int, cache: TopicCache, *, exist_ok: bool = True
+) -> Plan[bool]:
+    """Create a topic; returns False when it already existed with that partition count."""
+    rows = yield Stmt(_sql.CREATE_TOPIC_RETURNING, (topic, partitions, now_ms()))
+    created = bool(rows)
+    if not created:
+        rows = yield Stmt(_sql.TOPIC_PARTITIONS, (topic,))
+        existing = int(rows[0][0])
+        if existing != partitions:
+            raise TopicConflict(
+                f"topic {topic!r} exists with {existing} partitions, not {partitions}"
+            )
+        if not exist_ok:
+            raise TopicConflict(f"topic {topic!r} already exists", hint="pick another name")
+    cache.partitions[topic] = partitions
+    return created
+
+
+def append_plan(
+    events: Sequence[EncodedEvent], cache: TopicCache, default_partitions: int = 1
+) -> Plan[list[int]]:
+    """Insert the events in order, in the caller's transaction; returns their offsets."""
+    ts = now_ms()
+    for topic in dict.fromkeys(e.topic for e in events):
+        if topic not in cache.partitions:
+            yield Stmt(_sql.CREATE_TOPIC, (topic, default_partitions, ts))
+            rows = yield Stmt(_sql.TOPIC_PARTITIONS, (topic,))
+            cache.partitions[topic] = int(rows[0][0])
+    params = [
+        (
+            e.topic,
+            partition_for(e.key, cache.partitions[e.topic], cache.next_spread(e.topic)),
+            e.key,
+            e.payload,
+            e.headers,
+            ts,
+            e.dedupe_key,
+        )
+        for e in events
+    ]
+    offsets: list[int] = []
+    inserted: dict[str, list[int]] = {}
+    if any(e.dedupe_key is not None for e in events):
+        for p, e in zip(params, events, strict=True):
+            rows = yield Stmt(_sql.INSERT_EVENT_DEDUPED, p)
+            if rows:
+                offsets.append(int(rows[0][0]))
+                inserted.setdefault(e.topic, []).append(offsets[-1])
+            else:
+                rows = yield Stmt(_sql.OFFSET_OF_DEDUPE_KEY, (e.topic, e.dedupe_key))
+                offsets.append(int(rows[0][0]))
+    else:
+        # One statement for the whole batch. Under the write lock AUTOINCREMENT hands out
+        # consecutive ids, so the last id names them all.
+        yield Stmt(_sql.INSERT_EVENT, params, many=True)
+        rows = yield Stmt(_sql.LAST_INSERT_ID)
+        last = int(rows[0][0])
+        offsets = list(range(last - len(params) + 1, last + 1))
+        for e, offset in zip(events, offsets, strict=True):
+            inserted.setdefault(e.topic, []).append(offset)
+    for topic, topic_offsets in inserted.items():
+        yield Stmt(_sql.COUNT_APPENDED, (len(topic_offsets), topic_offsets[-1], ts, topic))
+    return offsets
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadCursor:
+    """Per-lane positions of a reader over a fixed set of topics and patterns.
+
+    Lanes found after the cursor was made (a new topic matching a pattern) start at 0: all
+    of their events are newer than the reader.
+    """
+
+    patterns: re.Pattern[str]
+    positions: dict[Lane, int] = field(default_factory=dict)
+    resolved: bool = False
+
+
+def resolve_lanes_plan(compiled: re.Pattern[str]) -> Plan[list[Lane]]:
+    rows = yield Stmt(_sql.ALL_TOPIC_PARTITIONS)
+    return [
+        (name, p) for name, n in rows if topic_matches(compiled, name) for p in range(int(n))
+    ]
+
+
+def open_cursor_plan(
+    patterns: str | Sequence[str], start: str | int | datetime
+) -> Plan[ReadCursor]:
+    cursor = ReadCursor(compile_patterns(patterns))
+    lanes = yield from resolve_lanes_plan(cursor.patterns)
+    for lane in lanes:
+        cursor.positions[lane] = yield from start_position_plan(lane, start)
+    cursor.resolved = True
+    return cursor
+
+
+def read_page_plan(cursor: ReadCursor, page: int, refresh_lanes: bool) -> Plan[list[Event]]:
+    """The next events after the cursor, in offset order, at most `page` per lane.
+
+    Run in one read transaction, so the merge across lanes is exact for that snapshot. A lane
+    that returned a full page may hold more below the other lanes' rows, so the merged list
+    stops at the smallest last offset among full lanes.
+    """
+    if refresh_lanes:
+        for lane in (yield from resolve_lanes_plan(cursor.patterns)):
+            cursor.positions.setdefault(lane, 0)
+    merged: list[Row] = []
+    cutoff: int | None = None
+    for (topic, partition), position in cursor.positions.items():
+        rows = yield Stmt(_sql.READ_LANE_AFTER, (topic, partition, position, page))
+        if rows:
+            merged.extend(rows)
+            if len(rows) == page:
+                last = rows[-1][0]
+                cutoff = last if cutoff is None else min(cutoff, last)
+    if len(cursor.positions) > 1:
+        merged.sort(key=lambda r: r[0])
+    if cutoff is not None:
+        merged = [r for r in merged if r[0] <= cutoff]
+    events = [row_to_event(r) for r in merged]
+    for e in events:
+        cursor.positions[(e.topic, e.partition)] = e.offset
+    return events
+
+
+def head_plan() -> Plan[int]:
+    rows = yield Stmt(_sql.HEAD_OFFSET)
+    return int(rows[0][0])
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    name: str
+    partitions: int
+    events: int
+    first_offset: int | None
+    last_offset: int
+    created_at_ms: int
+    last_append_ms: int | None
+
+
+def topics_plan() -> Plan[list[TopicInfo]]:
+    rows = yield Stmt(_sql.LIST_TOPICS)
+    topics = []
+    for name, partitions, created_at, events, last_offset, last_append_at in rows:
+        firsts = []
+        for p in range(int(partitions)):
+            first = yield Stmt(_sql.FIRST_OFFSET_IN_LANE, (name, p))
+            if first[0][0] is not None:
+                firsts.append(int(first[0][0]))
+        topics.append(
+            TopicInfo(
+                name,
+                int(partitions),
+                int(events),
+                min(firsts) if firsts else None,
+                int(last_offset),
+                int(created_at),
+                last_append_at,
+            )
+        )
+    return topics
+
+
+def read_event_plan(offset: int) -> Plan[Event | None]:
+    rows = yield Stmt(_sql.READ_EVENT, (offset,))
+    return row_to_event(rows[0]) if rows else None

@@ -1,0 +1,299 @@
+"""The storage shell both APIs share: files beside the database, connections, the plan
+driver, and the migration runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from . import _sql
+from ._core import Mode, Plan, Row, Stmt
+from ._locks import FileLock
+from .errors import (
+    EventlogError,
+    InvalidArgument,
+    NotAnEventlogDatabase,
+    SchemaTooNew,
+    UnsupportedFilesystem,
+    translate,
+)
+
+log = logging.getLogger("eventlog")
+T = TypeVar("T")
+Durability = Literal["full", "normal"]
+
+_NETWORK_FS = {
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs",
+    "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "lustre", "gpfs", "davfs", "fuse.s3fs",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file eventlog keeps for one database, all beside it."""
+
+    db: Path
+
+    @classmethod
+    def for_db(cls, path: str | os.PathLike[str]) -> Paths:
+        if isinstance(path, str) and (path == ":memory:" or path.startswith("file:")):
+            raise InvalidArgument(
+                "eventlog needs a database file on disk (other processes share it), "
+                f"not {path!r}"
+            )
+        return cls(Path(path).absolute())
+
+    @property
+    def sidecar(self) -> Path:
+        return self.db.with_name(self.db.name + ".d")
+
+    @property
+    def wake_folder(self) -> Path:
+        return self.sidecar / "wake"
+
+    @property
+    def write_lock(self) -> Path:
+        return self.sidecar / "write.lock"
+
+    @property
+    def deadletter(self) -> Path:
+        return self.db.with_name(self.db.name + ".deadletter.jsonl")
+
+    @property
+    def deadletter_lock(self) -> Path:
+        return self.sidecar / "deadletter.lock"
+
+    def group_folder(self, group: str) -> Path:
+        return self.sidecar / "groups" / group
+
+    def make_sidecar(self) -> None:
+        # Owner-only: a stricter umask only narrows this further.
+        for folder in (self.sidecar, self.wake_folder):
+            folder.mkdir(mode=0o700, parents=False, exist_ok=True)
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the mount holding `path`, from /proc/self/mounts (None off Linux)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, best_type = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, best_type = mount, parts[2]
+    return best_type
+
+
+def check_filesystem(paths: Paths, allow_network_fs: bool) -> None:
+    fstype = filesystem_type(paths.db.parent)
+    if fstype is None:
+        return
+    if fstype in _NETWORK_FS or fstype.startswith("nfs"):
+        message = (
+            f"{paths.db.parent} is on a network file system ({fstype}): SQLite's WAL and "
+            "flock do not work reliably there, so events could be lost or delivered twice"
+        )
+        if not allow_network_fs:
+            raise UnsupportedFilesystem(message)
+        log.warning("%s (allowed by allow_network_fs=True)", message)
+
+
+def prepare_files(paths: Paths, *, create: bool) -> None:
+    """Create the database file owner-only before SQLite does (its -wal/-shm copy the mode)."""
+    if not paths.db.parent.is_dir():
+        raise InvalidArgument(f"folder {paths.db.parent} does not exist")
+    if not paths.db.exists():
+        if not create:
+            raise NotAnEventlogDatabase(
+                f"no database at {paths.db}", hint="create it with 'eventlog init'"
+            )
+        try:
+            fd = os.open(paths.db, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass  # another process created it at the same moment
+        except OSError as exc:
+            raise translate(exc) from exc
+    try:
+        paths.make_sidecar()
+    except OSError as exc:
+        raise translate(exc) from exc
+
+
+def connect(
+    paths: Paths,
+    *,
+    durability: Durability,
+    busy_timeout_ms: int,
+    read_only: bool = False,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """A connection in autocommit mode: every transaction is explicit and short."""
+    if durability not in ("full", "normal"):
+        raise InvalidArgument(f"durability must be 'full' or 'normal', got {durability!r}")
+    try:
+        if read_only:
+            conn = sqlite3.connect(
+                f"{paths.db.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                check_same_thread=check_same_thread, cached_statements=256,
+            )  # fmt: skip
+        else:
+            conn = sqlite3.connect(
+                paths.db, isolation_level=None, check_same_thread=check_same_thread,
+                cached_statements=256,
+            )  # fmt: skip
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+    try:
+        for pragma in _sql.PRAGMAS:
+            if read_only and "journal" in pragma:
+                continue
+            conn.execute(
+                pragma.format(busy_timeout_ms=busy_timeout_ms, synchronous=durability.upper())
+            ).fetchall()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise translate(exc) from exc
+    return conn
+
+
+def drive(
+    conn: sqlite3.Connection, plan: Plan[T], mode: Mode, write_lock: FileLock | None = None
+) -> T:
+    """Run a plan's statements, in one transaction unless mode is "none".
+
+    Writes first take the sidecar write lock: SQLite's busy handler sleeps in coarse steps,
+    while a blocked flock wakes the instant the lock is free. Any failure rolls back.
+    """
+    locked = False
+    try:
+        if mode == "write":
+            if write_lock is not None:
+                write_lock.acquire()
+                locked = True
+            conn.execute(_sql.BEGIN_WRITE)
+        elif mode == "read":
+            conn.execute(_sql.BEGIN_READ)
+        reply: list[Row] | None = None
+        try:
+            while True:
+                stmt = plan.send(reply)  # type: ignore[arg-type]
+                if stmt.many:
+                    conn.executemany(stmt.sql, stmt.params)  # type: ignore[arg-type]
+                    reply = []
+                else:
+                    reply = conn.execute(stmt.sql, stmt.params).fetchall()  # type: ignore[arg-type]
+        except StopIteration as done:
+            if mode != "none":
+                conn.execute(_sql.COMMIT)
+            return done.value  # type: ignore[no-any-return]
+    except BaseException as exc:
+        # mode "none" runs inside the caller's own transaction: theirs to roll back
+        if mode != "none" and conn.in_transaction:
+            try:
+                conn.execute(_sql.ROLLBACK)
+            except sqlite3.Error:
+                log.exception("rollback failed")
+        if isinstance(exc, sqlite3.Error | OSError) and not isinstance(exc, EventlogError):
+            raise translate(exc) from exc
+        raise
+    finally:
+        plan.close()
+        if locked and write_lock is not None:
+            write_lock.release()
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The numbered .sql files shipped in eventlog.migrations, in order."""
+    found = []
+    for entry in resources.files("eventlog.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append(Migration(int(name[:4]), name[:-4], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a script into complete statements (executescript would commit on its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in current.splitlines()
+    ):
+        raise EventlogError(f"incomplete statement in migration: {current[:80]!r}")
+    return statements
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    if not conn.execute(_sql.SCHEMA_TABLE_EXISTS).fetchone()[0]:
+        return 0
+    return int(conn.execute(_sql.SCHEMA_VERSION).fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, write_lock: FileLock | None = None) -> int:
+    """Apply pending migrations, each in its own write transaction; returns the version.
+
+    The version is read again after taking the write lock, so when two processes open a fresh
+    file at once the second finds the work done.
+    """
+    migrations = load_migrations()
+    latest = migrations[-1].version if migrations else 0
+    try:
+        current = schema_version(conn)
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+    if current > latest:
+        raise SchemaTooNew(
+            f"the database has schema version {current}; this eventlog knows up to {latest}"
+        )
+    for migration in migrations:
+        if migration.version <= current:
+            continue
+
+        def apply(m: Migration = migration) -> Plan[bool]:
+            yield Stmt(_sql.CREATE_SCHEMA_TABLE)
+            rows = yield Stmt(_sql.SCHEMA_VERSION)
+            if int(rows[0][0]) >= m.version:
+                return False
+            for statement in split_statements(m.sql):
+                yield Stmt(statement)
+            yield Stmt(
+                _sql.RECORD_MIGRATION, (m.version, m.name, time.time_ns() // 1_000_000)
+            )
+            return True
+
+        if drive(conn, apply(), "write", write_lock):
+            log.info("applied migration %s", migration.name)
+        current = migration.version
+    return current
+

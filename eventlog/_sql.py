@@ -1,0 +1,167 @@
+"""Every SQL statement eventlog runs, named for its intent. Values are always parameters."""
+
+from __future__ import annotations
+
+# -- connection -------------------------------------------------------------------------------
+
+# journal_size_limit: after a checkpoint resets the WAL, it is truncated back to this size.
+PRAGMAS = (
+    "PRAGMA busy_timeout = {busy_timeout_ms}",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = {synchronous}",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA journal_size_limit = 67108864",
+)
+
+# Writers start every transaction with the write lock: a deferred transaction that upgrades
+# later can fail with SQLITE_BUSY without waiting for the busy handler.
+BEGIN_WRITE = "BEGIN IMMEDIATE"
+BEGIN_READ = "BEGIN"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+DATA_VERSION = "PRAGMA data_version"
+CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
+INTEGRITY_CHECK = "PRAGMA integrity_check"
+QUICK_CHECK = "PRAGMA quick_check"
+
+# -- schema -----------------------------------------------------------------------------------
+
+CREATE_SCHEMA_TABLE = (
+    "CREATE TABLE IF NOT EXISTS eventlog_schema ("
+    " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+)
+SCHEMA_TABLE_EXISTS = (
+    "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'eventlog_schema'"
+)
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM eventlog_schema"
+RECORD_MIGRATION = "INSERT INTO eventlog_schema (version, name, applied_at) VALUES (?, ?, ?)"
+
+# -- topics -----------------------------------------------------------------------------------
+
+CREATE_TOPIC = (
+    "INSERT INTO eventlog_topics (name, partitions, created_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (name) DO NOTHING"
+)
+CREATE_TOPIC_RETURNING = CREATE_TOPIC + " RETURNING name"
+TOPIC_PARTITIONS = "SELECT partitions FROM eventlog_topics WHERE name = ?"
+ALL_TOPIC_PARTITIONS = "SELECT name, partitions FROM eventlog_topics ORDER BY name"
+COUNT_APPENDED = (
+    "UPDATE eventlog_topics SET events = events + ?, last_offset = max(last_offset, ?),"
+    " last_append_at = ? WHERE name = ?"
+)
+COUNT_PRUNED = "UPDATE eventlog_topics SET events = max(events - ?, 0) WHERE name = ?"
+LIST_TOPICS = (
+    "SELECT name, partitions, created_at, events, last_offset, last_append_at"
+    " FROM eventlog_topics ORDER BY name"
+)
+# Rides eventlog_events_lane: one index probe per partition, never a scan.
+FIRST_OFFSET_IN_LANE = "SELECT min(id) FROM eventlog_events WHERE topic = ? AND partition = ?"
+LAST_OFFSET_IN_LANE = "SELECT max(id) FROM eventlog_events WHERE topic = ? AND partition = ?"
+
+# -- events -----------------------------------------------------------------------------------
+
+INSERT_EVENT = (
+    "INSERT INTO eventlog_events (topic, partition, key, payload, headers, created_at, dedupe_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# A retried producer's dedupe key hits the partial unique index and inserts nothing.
+INSERT_EVENT_DEDUPED = INSERT_EVENT + (
+    " ON CONFLICT (topic, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
+)
+OFFSET_OF_DEDUPE_KEY = "SELECT id FROM eventlog_events WHERE topic = ? AND dedupe_key = ?"
+LAST_INSERT_ID = "SELECT last_insert_rowid()"
+# AUTOINCREMENT's high-water mark: the head, even when every event was pruned.
+HEAD_OFFSET = "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'eventlog_events'"
+
+EVENT_COLUMNS = "id, topic, partition, key, payload, headers, created_at"
+READ_LANE_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id > ? ORDER BY id LIMIT ?"
+)
+READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM eventlog_events WHERE id = ?"
+FIRST_OFFSET_AT_TIME = (
+    "SELECT min(id) FROM eventlog_events WHERE topic = ? AND partition = ? AND created_at >= ?"
+)
+COUNT_LANE_AFTER = (
+    "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
+)
+
+# -- consumer groups --------------------------------------------------------------------------
+
+GROUP_LANE = (
+    "SELECT position, inflight_from, inflight_to FROM eventlog_group_offsets"
+    " WHERE group_name = ? AND topic = ? AND partition = ?"
+)
+START_GROUP_LANE = (
+    "INSERT INTO eventlog_group_offsets (group_name, topic, partition, position, updated_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+# max(): a commit never moves a position backwards by accident (a stale batch, a retry).
+COMMIT_GROUP_LANE = (
+    "UPDATE eventlog_group_offsets SET position = max(position, ?), inflight_from = ?,"
+    " inflight_to = ?, updated_at = ? WHERE group_name = ? AND topic = ? AND partition = ?"
+)
+# Replay moves positions on purpose, backwards too; only with no live member.
+SET_GROUP_LANE = (
+    "INSERT INTO eventlog_group_offsets (group_name, topic, partition, position, updated_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_name, topic, partition) DO UPDATE SET"
+    " position = excluded.position, inflight_from = NULL, inflight_to = NULL,"
+    " updated_at = excluded.updated_at"
+)
+LIST_GROUP_LANES = (
+    "SELECT group_name, topic, partition, position, inflight_from, inflight_to, updated_at"
+    " FROM eventlog_group_offsets ORDER BY group_name, topic, partition"
+)
+GROUP_LANES = (
+    "SELECT group_name, topic, partition, position, inflight_from, inflight_to, updated_at"
+    " FROM eventlog_group_offsets WHERE group_name = ? ORDER BY topic, partition"
+)
+DELETE_GROUP_OFFSETS = "DELETE FROM eventlog_group_offsets WHERE group_name = ?"
+DELETE_GROUP_ATTEMPTS = "DELETE FROM eventlog_attempts WHERE group_name = ?"
+DELETE_GROUP_REDELIVERIES = "DELETE FROM eventlog_redeliveries WHERE group_name = ?"
+MIN_GROUP_POSITION = (
+    "SELECT group_name, min(position) FROM eventlog_group_offsets"
+    " WHERE topic = ? GROUP BY group_name"
+)
+
+LANE_ATTEMPTS = (
+    "SELECT event_offset, attempts FROM eventlog_attempts"
+    " WHERE group_name = ? AND topic = ? AND partition = ? AND event_offset <= ?"
+)
+EVENT_ATTEMPT = (
+    "SELECT attempts, first_failed_at, last_failed_at, error_type, error_message,"
+    " error_traceback FROM eventlog_attempts WHERE group_name = ? AND event_offset = ?"
+)
+# Written before a suspect event's handler runs, so a crash inside it still counts.
+START_ATTEMPT = (
+    "INSERT INTO eventlog_attempts (group_name, event_offset, topic, partition, attempts)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_name, event_offset) DO UPDATE SET"
+    " attempts = max(attempts, excluded.attempts)"
+)
+RECORD_FAILURE = (
+    "UPDATE eventlog_attempts SET first_failed_at = coalesce(first_failed_at, ?),"
+    " last_failed_at = ?, error_type = ?, error_message = ?, error_traceback = ?"
+    " WHERE group_name = ? AND event_offset = ?"
+)
+CLEAR_ATTEMPTS = "DELETE FROM eventlog_attempts WHERE group_name = ? AND event_offset = ?"
+GROUP_ATTEMPTS = (
+    "SELECT event_offset, topic, partition, attempts, last_failed_at, error_type, error_message"
+    " FROM eventlog_attempts WHERE group_name = ? ORDER BY event_offset"
+)
+
+REQUEST_REDELIVERY = (
+    "INSERT INTO eventlog_redeliveries (group_name, event_offset, dead_letter_id, requested_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+PENDING_REDELIVERIES = (
+    "SELECT event_offset, dead_letter_id FROM eventlog_redeliveries WHERE group_name = ?"
+    " ORDER BY event_offset LIMIT ?"
+)
+DONE_REDELIVERY = "DELETE FROM eventlog_redeliveries WHERE group_name = ? AND event_offset = ?"
+
+# -- retention --------------------------------------------------------------------------------
+
+PRUNE_LANE_BEFORE = (
+    "DELETE FROM eventlog_events WHERE topic = ? AND partition = ? AND id <= ?"
+)

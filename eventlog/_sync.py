@@ -1,0 +1,465 @@
+"""SyncLog: the log on the standard sqlite3 module, for threads and plain scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from . import _core, _db, _sql
+from ._core import (
+    DEFAULT_LIMITS,
+    EncodedEvent,
+    Event,
+    Limits,
+    Mode,
+    Plan,
+    TopicCache,
+    TopicInfo,
+)
+from ._locks import FileLock
+from ._wake import WakeListener, WakeSender
+from .errors import InvalidArgument, LogClosed, StorageError
+
+log = logging.getLogger("eventlog")
+T = TypeVar("T")
+
+# Connections inherited through fork() are parked here, never closed: closing them in the
+# child would run SQLite's close path on the parent's handles.
+_ABANDONED: list[object] = []
+
+FALLBACK_POLL_S = 0.1  # how often a waiter checks data_version when no datagram came
+
+
+class Draft:
+    """One event to append with `append_many`."""
+
+    __slots__ = ("dedupe_key", "headers", "key", "payload", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        dedupe_key: str | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.key = key
+        self.headers = headers
+        self.dedupe_key = dedupe_key
+
+    def encode(self, limits: Limits) -> EncodedEvent:
+        return _core.encode_event(
+            self.topic, self.payload, self.key, self.headers, self.dedupe_key, limits
+        )
+
+
+def encode_drafts(drafts: Iterable[Draft], limits: Limits) -> list[EncodedEvent]:
+    encoded = []
+    for i, draft in enumerate(drafts):
+        if not isinstance(draft, Draft):
+            raise InvalidArgument(
+                f"append_many takes Draft objects; item {i} is {type(draft).__name__}"
+            )
+        encoded.append(draft.encode(limits))
+    return encoded
+
+
+class DatabaseWatch:
+    """Tells whether anyone committed since the last look, from a connection that never
+    writes (data_version ignores the connection's own commits), and whether the database
+    file was replaced under us."""
+
+    def __init__(self, paths: _db.Paths, conn: sqlite3.Connection) -> None:
+        self.paths = paths
+        self.conn = conn
+        self.version = self._version()
+        self.identity = self._identity()
+
+    def _version(self) -> int:
+        return int(self.conn.execute(_sql.DATA_VERSION).fetchone()[0])
+
+    def _identity(self) -> tuple[int, int]:
+        st = os.stat(self.paths.db)
+        return st.st_dev, st.st_ino
+
+    def changed(self) -> bool:
+        version = self._version()
+        if version != self.version:
+            self.version = version
+            return True
+        try:
+            identity = self._identity()
+        except FileNotFoundError:
+            identity = (-1, -1)
+        if identity != self.identity:
+            raise StorageError(
+                f"the database file {self.paths.db} was replaced or removed while open",
+                hint="open the log again",
+            )
+        return False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SyncLog:
+    """The event log, blocking API. Open with `eventlog.open_sync(path)`.
+
+    Safe to share between threads (calls are serialised). After fork() the child reopens its
+    own connection on first use; the parent's handles are left untouched.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: _db.Durability = "full",
+        busy_timeout: float = 10.0,
+        limits: Limits = DEFAULT_LIMITS,
+        default_partitions: int = 1,
+        create: bool = True,
+        allow_network_fs: bool = False,
+    ) -> None:
+        self.paths = _db.Paths.for_db(path)
+        self.durability = durability
+        self.limits = limits
+        self.default_partitions = _core.check_partitions(default_partitions, limits)
+        self._busy_ms = int(busy_timeout * 1000)
+        self._cache = TopicCache()
+        self._mutex = threading.RLock()
+        self._closed = False
+        _db.check_filesystem(self.paths, allow_network_fs)
+        _db.prepare_files(self.paths, create=create)
+        self._open_handles()
+        try:
+            _db.migrate(self._conn, self._write_lock)
+        except BaseException:
+            self._close_handles()
+            raise
+
+    def _open_handles(self) -> None:
+        self._pid = os.getpid()
+        self._conn = _db.connect(
+            self.paths, durability=self.durability, busy_timeout_ms=self._busy_ms,
+            check_same_thread=False,
+        )  # fmt: skip
+        self._write_lock = FileLock(self.paths.write_lock)
+        self._wake = WakeSender(self.paths.wake_folder)
+
+    def _close_handles(self) -> None:
+        self._write_lock.close()
+        self._wake.close()
+        self._conn.close()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise LogClosed(f"the log {self.paths.db} is closed")
+        if os.getpid() != self._pid:
+            _ABANDONED.append(self._conn)
+            self._write_lock.close()  # in a child this only forgets the descriptor
+            self._cache = TopicCache()
+            self._open_handles()
+            self._mutex = threading.RLock()
+
+    def run(self, plan: Plan[T], mode: Mode) -> T:
+        """Drive a plan on this log's connection (used by the CLI and consumer tools)."""
+        with self._mutex:
+            self._check()
+            return _db.drive(self._conn, plan, mode, self._write_lock)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        dedupe_key: str | None = None,
+    ) -> int:
+        """Append one event; returns its offset once the commit is durable (see durability).
+
+        With `dedupe_key`, a retry of an append that already committed returns the first
+        offset and stores nothing new.
+        """
+        encoded = _core.encode_event(topic, payload, key, headers, dedupe_key, self.limits)
+        return self._append([encoded])[0]
+
+    def append_many(self, drafts: Iterable[Draft]) -> list[int]:
+        """Append all drafts in one transaction: all of them commit, or none."""
+        encoded = encode_drafts(drafts, self.limits)
+        return self._append(encoded) if encoded else []
+
+    def _append(self, encoded: Sequence[EncodedEvent]) -> list[int]:
+        with self._mutex:
+            self._check()
+            try:
+                offsets = _db.drive(
+                    self._conn,
+                    _core.append_plan(encoded, self._cache, self.default_partitions),
+                    "write",
+                    self._write_lock,
+                )
+            except BaseException:
+                self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
+                raise
+            self._wake.notify()
+            return offsets
+
+    def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = True) -> bool:
+        """Create a topic with a fixed partition count; False if it already existed."""
+        _core.check_name(name, "topic", self.limits)
+        _core.check_partitions(partitions, self.limits)
+        return self.run(_core.create_topic_plan(name, partitions, self._cache,
+                                                exist_ok=exist_ok), "write")  # fmt: skip
+
+    def notify(self) -> None:
+        """Wake every waiting reader now (after an outbox append committed elsewhere)."""
+        self._wake.notify()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def head(self) -> int:
+        """The largest offset ever handed out (0 for a fresh log)."""
+        return self.run(_core.head_plan(), "none")
+
+    def topics(self) -> list[TopicInfo]:
+        return self.run(_core.topics_plan(), "read")
+
+    def get(self, offset: int) -> Event | None:
+        return self.run(_core.read_event_plan(offset), "none")
+
+    def read(
+        self,
+        topics: str | Sequence[str],
+        *,
+        start: str | int | datetime = "earliest",
+        follow: bool = False,
+        limit: int | None = None,
+        page: int = 500,
+        stop: threading.Event | None = None,
+        idle_timeout: float | None = None,
+    ) -> Iterator[Event]:
+        """Events of the topics (names or patterns) after `start`, in offset order.
+
+        Reads in pages, never holding a read transaction between them. With `follow`, waits
+        for new commits from any process; ends when `stop` is set or after `idle_timeout`
+        seconds without a new event.
+        """
+        start = _core.check_start(start)
+        _core.compile_patterns(topics)
+        if limit is not None and limit < 0:
+            raise InvalidArgument(f"limit must be >= 0, got {limit}")
+        return self._read(topics, start, follow, limit, page, stop, idle_timeout)
+
+    def _read(
+        self,
+        topics: str | Sequence[str],
+        start: str | int | datetime,
+        follow: bool,
+        limit: int | None,
+        page: int,
+        stop: threading.Event | None,
+        idle_timeout: float | None,
+    ) -> Iterator[Event]:
+        waiter = self._waiter() if follow else None
+        try:
+            cursor = self.run(_core.open_cursor_plan(topics, start), "read")
+            delivered = 0
+            refresh = False
+            while limit is None or delivered < limit:
+                events = self.run(_core.read_page_plan(cursor, page, refresh), "read")
+                refresh = False
+                for event in events:
+                    yield event
+                    delivered += 1
+                    if limit is not None and delivered >= limit:
+                        return
+                if events:
+                    continue
+                if waiter is None or not waiter.wait(stop, idle_timeout):
+                    return
+                refresh = True
+        finally:
+            if waiter is not None:
+                waiter.close()
+
+    def wait_for(
+        self,
+        topics: str | Sequence[str],
+        *,
+        match: Any = None,
+        after: int | None = None,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> WaitResult:
+        """The first event after `after` (default: the head now) that `match` accepts.
+
+        Note the head before starting the work that appends the event: the event cannot be
+        missed, even if it commits before this call starts waiting.
+        """
+        if after is None:
+            after = self.head()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = self._waiter()
+        try:
+            cursor = self.run(_core.open_cursor_plan(topics, after + 1), "read")
+            refresh = False
+            while True:
+                events = self.run(_core.read_page_plan(cursor, 500, refresh), "read")
+                refresh = False
+                for event in events:
+                    if match is None or match(event):
+                        return WaitResult("received", event)
+                if events:
+                    continue
+                if cancel is not None and cancel.is_set():
+                    return WaitResult("cancelled", None)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return WaitResult("timed_out", None)
+                if not waiter.wait(cancel, remaining):
+                    if cancel is not None and cancel.is_set():
+                        return WaitResult("cancelled", None)
+                    return WaitResult("timed_out", None)
+                refresh = True
+        finally:
+            waiter.close()
+
+    def _waiter(self) -> _SyncWaiter:
+        return _SyncWaiter(self.paths, self.durability, self._busy_ms)
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Checkpoint the WAL and truncate it; returns (busy, wal pages, checkpointed)."""
+        rows = self.run(_one(_sql.CHECKPOINT_TRUNCATE), "none")
+        busy, pages, done = rows[0]
+        return int(busy), int(pages), int(done)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            if os.getpid() != self._pid:
+                _ABANDONED.append(self._conn)
+                self._write_lock.close()
+                return
+            self._close_handles()
+
+    def __enter__(self) -> SyncLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
+                          stacklevel=2)  # fmt: skip
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - best effort during garbage collection
+                pass
+
+
+def _one(sql: str) -> Plan[list[_core.Row]]:
+    rows = yield _core.Stmt(sql)
+    return rows
+
+
+class WaitResult:
+    """What `wait_for` saw: status is "received" (with the event), "timed_out" or
+    "cancelled"."""
+
+    __slots__ = ("event", "status")
+
+    def __init__(self, status: str, event: Event | None) -> None:
+        self.status = status
+        self.event = event
+
+    @property
+    def received(self) -> bool:
+        return self.status == "received"
+
+    def __repr__(self) -> str:
+        return f"WaitResult({self.status!r}, {self.event!r})"
+
+
+class _SyncWaiter:
+    """Blocks until another process commits: a datagram, or data_version on the slow poll."""
+
+    def __init__(self, paths: _db.Paths, durability: _db.Durability, busy_ms: int) -> None:
+        self.listener = WakeListener(paths.wake_folder)
+        try:
+            conn = _db.connect(paths, durability=durability, busy_timeout_ms=busy_ms)
+            self.watch = DatabaseWatch(paths, conn)
+        except BaseException:
+            self.listener.close()
+            raise
+
+    def wait(self, stop: threading.Event | None, timeout: float | None) -> bool:
+        """True when something new may be there; False on stop or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.listener.fileno()
+        while True:
+            if stop is not None and stop.is_set():
+                return False
+            if self.watch.changed():
+                self.listener.drain()
+                return True
+            step = FALLBACK_POLL_S if stop is None else min(FALLBACK_POLL_S, 0.05)
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            if fd >= 0:
+                ready, _, _ = select.select([fd], [], [], step)
+                if ready:
+                    self.listener.drain()
+                    return True
+            else:
+                time.sleep(min(step, 0.005))
+
+    def close(self) -> None:
+        self.listener.close()
+        self.watch.close()
+
+
+def append_in_transaction(
+    conn: sqlite3.Connection,
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    dedupe_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> int:
+    """Append through the application's own sqlite3 connection, inside its open transaction
+    (the transactional outbox): the event commits with the application's rows, or not at all.
+
+    The file must have been opened once with eventlog (which creates the tables). Waiting
+    readers notice the commit on their next poll; call `log.notify()` to wake them at once.
+    """
+    if not conn.in_transaction:
+        raise InvalidArgument(
+            "append_in_transaction needs an open transaction on the connection",
+            hint="run conn.execute('BEGIN IMMEDIATE') first, and commit after",
+        )
+    encoded = _core.encode_event(topic, payload, key, headers, dedupe_key, limits)
+    return _db.drive(conn, _core.append_plan([encoded], TopicCache()), "none")[0]
+

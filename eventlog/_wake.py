@@ -1,0 +1,112 @@
+"""Cross-process wake-ups: one Unix datagram socket per waiting reader, a datagram per commit.
+
+A waiter binds its socket *before* it first reads, so a commit after that read always leaves
+a datagram behind and the wait returns at once. Signals are only a shortcut: waiters also
+poll `PRAGMA data_version` slowly, so a lost datagram delays delivery and never loses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+
+log = logging.getLogger("eventlog")
+
+# sockaddr_un holds 108 bytes; deep temp folders can exceed it, so those waiters only poll.
+_MAX_SOCKET_PATH = 100
+
+
+class WakeListener:
+    """A bound datagram socket in the wake folder; readable when someone committed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path: Path | None = folder / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+        self.sock: socket.socket | None = None
+        if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
+            log.warning("wake folder path too long for a Unix socket; polling only: %s", folder)
+            self.path = None
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(os.fspath(self.path))
+            os.chmod(self.path, 0o600)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def drain(self) -> bool:
+        """Consume queued datagrams; True if there was any."""
+        if self.sock is None:
+            return False
+        got = False
+        while True:
+            try:
+                self.sock.recv(64)
+                got = True
+            except (BlockingIOError, InterruptedError):
+                return got
+            except OSError:
+                return got
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+class WakeSender:
+    """Sends one datagram to every waiter after a commit; cheap when nobody waits."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._listing_mtime = -1
+        self._targets: list[str] = []
+
+    def _refresh(self) -> None:
+        try:
+            mtime = os.stat(self.folder).st_mtime_ns
+        except FileNotFoundError:
+            self._targets = []
+            return
+        if mtime != self._listing_mtime:
+            self._listing_mtime = mtime
+            try:
+                names = os.listdir(self.folder)
+            except FileNotFoundError:
+                names = []
+            self._targets = [os.fspath(self.folder / n) for n in names if n.endswith(".sock")]
+
+    def notify(self) -> None:
+        self._refresh()
+        for target in self._targets:
+            try:
+                self._sock.sendto(b"!", target)
+            except (BlockingIOError, InterruptedError):
+                pass  # the waiter's queue is full: it has a wake-up pending already
+            except ConnectionRefusedError:
+                # Nobody bound there: its waiter died without cleaning up. Names are never
+                # reused, so removing it cannot hurt a live waiter.
+                try:
+                    os.unlink(target)
+                except OSError:
+                    pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
+                    log.debug("wake-up to %s failed: %s", target, exc)
+
+    def close(self) -> None:
+        self._sock.close()
