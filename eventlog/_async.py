@@ -18,7 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -28,6 +28,9 @@ from ._locks import FileLock
 from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
 from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, InvalidArgument, LogClosed, LogForked
+
+if TYPE_CHECKING:
+    from ._consumer import Consumer
 
 log = logging.getLogger("eventlog")
 T = TypeVar("T")
@@ -340,6 +343,39 @@ class AsyncLog:
         """A wake-up subscription; make it before the first read it should cover."""
         self._check()
         return AsyncWaiter(self.paths, self.durability, self._busy_ms)
+
+    # -- consumer groups ----------------------------------------------------------------------
+
+    def consumer(
+        self,
+        group: str,
+        topics: str | Sequence[str],
+        handler: Callable[[Event], Any] | None = None,
+        *,
+        batch_handler: Callable[[list[Event]], Any] | None = None,
+        start: str | int | datetime = "earliest",
+        batch_size: int = 100,
+        max_attempts: int = 5,
+        retry_backoff: float = 0.2,
+        max_backoff: float = 30.0,
+        timeout: float | None = None,
+        hard_timeout: float | None = None,
+    ) -> Consumer:
+        """A member of consumer group `group`; `await consumer.run()` to start it.
+
+        `start` applies only to partitions the group has no position in yet. A failing event
+        is retried with exponential backoff (blocking its partition) up to `max_attempts`,
+        then written to the dead-letter file. `timeout` bounds one async handler call;
+        `hard_timeout` makes the process record the attempt and exit (code 70).
+        """
+        from ._consumer import Consumer, ConsumerConfig
+
+        self._check()
+        config = ConsumerConfig(
+            batch_size=batch_size, max_attempts=max_attempts, retry_backoff=retry_backoff,
+            max_backoff=max_backoff, timeout=timeout, hard_timeout=hard_timeout, start=start,
+        )  # fmt: skip
+        return Consumer(self, group, topics, handler, batch_handler=batch_handler, config=config)
 
     # -- upkeep -------------------------------------------------------------------------------
 

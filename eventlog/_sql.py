@@ -127,7 +127,8 @@ MIN_GROUP_POSITION = (
 
 LANE_ATTEMPTS = (
     "SELECT event_offset, attempts FROM eventlog_attempts"
-    " WHERE group_name = ? AND topic = ? AND partition = ? AND event_offset <= ?"
+    " WHERE group_name = ? AND topic = ? AND partition = ? AND event_offset > ?"
+    " AND event_offset <= ?"
 )
 EVENT_ATTEMPT = (
     "SELECT attempts, first_failed_at, last_failed_at, error_type, error_message,"

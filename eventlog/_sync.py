@@ -341,6 +341,50 @@ class SyncLog:
     def _waiter(self) -> _SyncWaiter:
         return _SyncWaiter(self.paths, self.durability, self._busy_ms)
 
+    # -- consumer groups ----------------------------------------------------------------------
+
+    def consume(
+        self,
+        group: str,
+        topics: str | Sequence[str],
+        handler: Any = None,
+        *,
+        batch_handler: Any = None,
+        stop: threading.Event | None = None,
+        handle_signals: bool = True,
+        **options: Any,
+    ) -> None:
+        """Run a member of consumer group `group` until `stop` is set, SIGINT or SIGTERM.
+
+        Blocks. Same semantics and options as `AsyncLog.consumer`; a sync handler runs in a
+        worker thread, one call at a time per partition.
+        """
+        import asyncio
+
+        from ._async import AsyncLog
+
+        self._check()
+
+        async def main() -> None:
+            alog = AsyncLog(self.paths.db, durability=self.durability,
+                            busy_timeout=self._busy_ms / 1000, limits=self.limits,
+                            default_partitions=self.default_partitions)  # fmt: skip
+            await alog._open()
+            try:
+                consumer = alog.consumer(group, topics, handler, batch_handler=batch_handler,
+                                         **options)  # fmt: skip
+                if stop is not None:
+                    loop = asyncio.get_running_loop()
+                    threading.Thread(
+                        target=lambda: (stop.wait(), loop.call_soon_threadsafe(consumer.stop)),
+                        daemon=True,
+                    ).start()
+                await consumer.run(handle_signals=handle_signals)
+            finally:
+                await alog.close()
+
+        asyncio.run(main())
+
     # -- upkeep -------------------------------------------------------------------------------
 
     def checkpoint(self) -> tuple[int, int, int]:

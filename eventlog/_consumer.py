@@ -1,0 +1,548 @@
+"""Consumer: one member of a consumer group, on the event loop.
+
+One task per owned lane fetches a batch after the committed position, hands its events to the
+handler in order, and commits once per batch in the same transaction that marks the next
+batch in flight (see _groups for why that marker makes poison events end). A pump task waits
+for wake-ups and rebalances: it counts live members through their lock files, computes the
+shared assignment, and takes or hands back lanes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from . import _core, _db, _groups
+from ._core import Event, Lane
+from ._deadletter import DeadLetter, DeadLetterFile, new_id
+from ._groups import LaneState
+from ._locks import FileLock
+from ._members import Membership
+from .errors import DeadLetterError, InvalidArgument
+
+if TYPE_CHECKING:
+    from ._async import AsyncLog
+
+log = logging.getLogger("eventlog")
+
+Handler = Callable[[Event], Awaitable[Any] | Any]
+BatchHandler = Callable[[list[Event]], Awaitable[Any] | Any]
+ErrorInfo = tuple[str, str, str]  # type, message, trimmed traceback
+
+REBALANCE_S = 0.5  # how often members are counted; bounds failover to about a second
+HARD_TIMEOUT_EXIT_CODE = 70
+_TRACEBACK_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    batch_size: int = 100
+    max_attempts: int = 5
+    retry_backoff: float = 0.2
+    max_backoff: float = 30.0
+    timeout: float | None = None
+    hard_timeout: float | None = None
+    start: str | int | datetime = "earliest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 10_000:
+            raise InvalidArgument(f"batch_size must be 1-10000, got {self.batch_size!r}")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        for name in ("retry_backoff", "max_backoff"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0")
+        for name in ("timeout", "hard_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"{name} must be > 0 or None, got {value!r}")
+        _core.check_start(self.start)
+
+
+@dataclass
+class ConsumerStats:
+    handled: int = 0
+    failed_attempts: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    lanes_taken: int = 0
+    lanes_released: int = 0
+
+
+@dataclass
+class _InHand:
+    event: Event
+    attempts: int
+    started: float
+    state: LaneState | None
+
+
+@dataclass
+class _LaneRun:
+    state: LaneState
+    task: asyncio.Task[None]
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > _TRACEBACK_CHARS:
+        text = "...\n" + text[-_TRACEBACK_CHARS:]
+    return type(exc).__qualname__, str(exc), text
+
+
+class Consumer:
+    """A member of consumer group `group`, handling events of `topics` (names or patterns).
+
+    At least once: a position moves past an event only after its handler returned or the
+    event was written (fsynced) to the dead-letter file. Handlers for different partitions
+    may run concurrently; within a partition, strictly in offset order.
+    """
+
+    def __init__(
+        self,
+        log: AsyncLog,
+        group: str,
+        topics: str | Sequence[str],
+        handler: Handler | None = None,
+        *,
+        batch_handler: BatchHandler | None = None,
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        _core.check_name(group, "group", log.limits)
+        self.patterns = _core.compile_patterns(topics)
+        if (handler is None) == (batch_handler is None):
+            raise InvalidArgument("give exactly one of handler or batch_handler")
+        self.log = log
+        self.group = group
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self.config = config or ConsumerConfig()
+        self.stats = ConsumerStats()
+        self._handler = handler
+        self._batch_handler = batch_handler
+        self._deadletters = DeadLetterFile(log.paths)
+        self._stop = asyncio.Event()
+        self._tick = asyncio.Event()
+        self._lanes: dict[Lane, _LaneRun] = {}
+        self._in_hand: dict[Lane | None, _InHand] = {}
+        self._rng = random.Random()
+        self._membership: Membership | None = None
+        self._redeliver_lock: FileLock | None = None
+        self._redeliver_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def member_id(self) -> str | None:
+        return self._membership.member_id if self._membership else None
+
+    @property
+    def owned_lanes(self) -> list[Lane]:
+        return sorted(self._lanes)
+
+    def stop(self) -> None:
+        """Ask the consumer to finish the event in hand, commit, release its lanes and return."""
+        self._stop.set()
+        self._wake_lanes()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Consume until stop() (or SIGINT/SIGTERM when handle_signals in the main thread)."""
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+                installed.append(sig)
+        self._membership = Membership(self.log.paths, self.group)
+        waiter = self.log.waiter()
+        watchdog = self._start_watchdog()
+        try:
+            await self._pump(waiter)
+        finally:
+            self._stop.set()
+            self._wake_lanes()
+            await self._drain_lanes()
+            if watchdog is not None:
+                watchdog.set()
+            waiter.close()
+            if self._redeliver_lock is not None:
+                self._redeliver_lock.close()
+            self._membership.close()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        if self._failure is not None:
+            raise self._failure
+
+    # -- pump and rebalance -------------------------------------------------------------------
+
+    async def _pump(self, waiter: Any) -> None:
+        next_rebalance = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_rebalance:
+                await self._rebalance()
+                next_rebalance = now + REBALANCE_S
+            if await waiter.wait(self._stop, max(0.0, next_rebalance - time.monotonic())):
+                self._wake_lanes()
+
+    def _wake_lanes(self) -> None:
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+    async def _rebalance(self) -> None:
+        assert self._membership is not None
+        members = self._membership.live_members()
+        lanes = await self.log.run(_core.resolve_lanes_plan(self.patterns), "read")
+        mine = _groups.assign(lanes, members, self._membership.member_id)
+        for lane in [lane for lane in self._lanes if lane not in mine]:
+            await self._release(lane)
+        for lane in sorted(mine - self._lanes.keys()):
+            if self._stop.is_set():
+                break
+            if self._membership.try_take(lane):
+                state = await self.log.run(
+                    _groups.take_lane_plan(self.group, lane, self.config.start), "write"
+                )
+                run = _LaneRun(state, asyncio.create_task(self._lane_loop_guarded(state)))
+                self._lanes[lane] = run
+                self.stats.lanes_taken += 1
+                log.info("%s: took %s[%d] at %d", self.group, lane[0], lane[1], state.position)
+        self._membership.heartbeat(list(self._lanes), {"group": self.group})
+        await self._maybe_redeliver()
+
+    async def _release(self, lane: Lane) -> None:
+        run = self._lanes.pop(lane)
+        run.revoked.set()
+        self._wake_lanes()
+        await asyncio.gather(run.task, return_exceptions=True)
+        assert self._membership is not None
+        self._membership.release(lane)
+        self.stats.lanes_released += 1
+        log.info("%s: released %s[%d]", self.group, lane[0], lane[1])
+
+    async def _drain_lanes(self) -> None:
+        for lane in list(self._lanes):
+            await self._release(lane)
+        if self._redeliver_task is not None:
+            await asyncio.gather(self._redeliver_task, return_exceptions=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self.stop()
+
+    # -- one lane -----------------------------------------------------------------------------
+
+    async def _lane_loop_guarded(self, state: LaneState) -> None:
+        try:
+            await self._lane_loop(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: lane %s[%d] failed", self.group, *state.lane)
+            self._fail(exc)
+
+    async def _lane_loop(self, state: LaneState) -> None:
+        run_ = self._lanes.get(state.lane)
+        revoked = run_.revoked if run_ else asyncio.Event()
+        size = self.config.batch_size
+        pending: int | None = None  # last handled offset, not yet committed
+        try:
+            while not (self._stop.is_set() or revoked.is_set()):
+                tick = self._tick
+                if pending is None:
+                    peek = await self.log.run(_groups.peek_plan(self.group, state, size), "read")
+                    if not peek.events:
+                        await _wait_any(tick, self._stop, revoked)
+                        continue
+                batch = await self.log.run(
+                    _groups.advance_plan(self.group, state, pending, size), "write"
+                )
+                pending = None
+                if batch.events:
+                    pending = await self._handle_batch(state, batch, revoked)
+        finally:
+            if pending is not None or state.crashed_to is None:
+                # Leaving gracefully: commit what was handled; the marker goes unless we are
+                # still inside a crashed range the next owner must treat with care.
+                keep = state.crashed_to is not None and (pending or 0) < state.crashed_to
+                await asyncio.shield(self.log.run(
+                    _groups.commit_plan(self.group, state, pending or state.position, keep),
+                    "write",
+                ))  # fmt: skip
+
+    async def _handle_batch(
+        self, state: LaneState, batch: _groups.Batch, revoked: asyncio.Event
+    ) -> int | None:
+        """Handle a batch in order; returns the last offset handled (None if none)."""
+        done: int | None = None
+        events = batch.events
+        singles_until = 0  # after a failed batch call, its events are retried one by one
+        i = 0
+        while i < len(events):
+            if self._stop.is_set() or revoked.is_set():
+                break
+            event = events[i]
+            prior = batch.attempts.get(event.offset, 0)
+            if prior or state.suspect(event.offset):
+                if not await self._handle_carefully(event, prior, state):
+                    break
+                done = event.offset
+                i += 1
+                continue
+            if self._batch_handler is not None and event.offset > singles_until:
+                run = [event]
+                j = i + 1
+                while (j < len(events) and not batch.attempts.get(events[j].offset)
+                       and not state.suspect(events[j].offset)):  # fmt: skip
+                    run.append(events[j])
+                    j += 1
+                if len(run) > 1:
+                    if await self._call_batch(run, state) is None:
+                        done = run[-1].offset
+                        i = j
+                        continue
+                    # the batch failed: retry its events alone to find the bad one
+                    singles_until = run[-1].offset
+            error = await self._call(event, 1, state)
+            if error is None:
+                self.stats.handled += 1
+                done = event.offset
+                i += 1
+                continue
+            await self._run_write(
+                _groups.record_failure_plan(self.group, event, 1, error, state)
+            )
+            self.stats.failed_attempts += 1
+            if not await self._handle_carefully(event, 1, state, first_error=error):
+                break
+            done = event.offset
+            i += 1
+        return done
+
+    async def _handle_carefully(
+        self,
+        event: Event,
+        prior: int,
+        state: LaneState | None,
+        first_error: ErrorInfo | None = None,
+    ) -> bool:
+        """One event, attempts written before each run, until it succeeds or is
+        dead-lettered; False if stopped first (the event stays unacknowledged)."""
+        cfg = self.config
+        credit = state.credit(event.offset) if state is not None else 0
+        attempts = prior
+        error = first_error
+        if prior and error is None:
+            row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
+            if row is not None and row[3] is not None:
+                error = (str(row[3]), str(row[4] or ""), str(row[5] or ""))
+        while True:
+            counted = attempts + (credit if attempts else 0)
+            if counted >= cfg.max_attempts:
+                return await self._dead_letter(event, counted, error, state)
+            if attempts and attempts >= 1 and error is not None:
+                delay = _groups.backoff_delay(attempts, cfg.retry_backoff, cfg.max_backoff,
+                                              self._rng)  # fmt: skip
+                if await _sleep_unless(self._stop, delay):
+                    return False
+            attempts += 1
+            await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
+            error = await self._call(event, attempts, state)
+            if error is None:
+                await self._run_write(_groups.finish_event_plan(self.group, event, state))
+                self.stats.handled += 1
+                return True
+            self.stats.failed_attempts += 1
+            await self._run_write(
+                _groups.record_failure_plan(self.group, event, attempts, error, state)
+            )
+            log.warning("%s: %s[%d]@%d attempt %d failed: %s: %s", self.group, event.topic,
+                        event.partition, event.offset, attempts, error[0], error[1])  # fmt: skip
+
+    async def _dead_letter(
+        self, event: Event, attempts: int, error: ErrorInfo | None, state: LaneState | None
+    ) -> bool:
+        row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
+        first_failed = row[1] if row else None
+        last_failed = row[2] if row else None
+        if error is None:
+            error = ("ProcessDied", "the process died while this event was being handled", "")
+        entry = DeadLetter(
+            id=new_id(), group=self.group, topic=event.topic, partition=event.partition,
+            offset=event.offset, key=event.key, payload=event.payload,
+            headers=dict(event.headers), event_time_ms=event.timestamp_ms, attempts=attempts,
+            first_failed_at_ms=first_failed, last_failed_at_ms=last_failed,
+            error_type=error[0], error_message=error[1], traceback=error[2],
+            dead_lettered_at_ms=_core.now_ms(),
+        )  # fmt: skip
+        delay = self.config.retry_backoff or 0.1
+        while True:
+            try:
+                await asyncio.to_thread(self._deadletters.append, entry)
+                break
+            except DeadLetterError as exc:
+                # Never move past an event that is not safely parked: keep trying.
+                log.error("%s: %s (retrying in %.1fs)", self.group, exc, delay)
+                if await _sleep_unless(self._stop, delay):
+                    return False
+                delay = min(delay * 2, self.config.max_backoff or 30.0)
+        await self._run_write(_groups.finish_event_plan(self.group, event, state))
+        self.stats.dead_lettered += 1
+        log.warning("%s: dead-lettered %s[%d]@%d after %d attempts (id %s)", self.group,
+                    event.topic, event.partition, event.offset, attempts, entry.id)  # fmt: skip
+        return True
+
+    async def _run_write(self, plan: _core.Plan[Any]) -> Any:
+        # A commit must finish even if the consumer is being cancelled.
+        return await asyncio.shield(self.log.run(plan, "write"))
+
+    # -- calling the handler ------------------------------------------------------------------
+
+    async def _call(self, event: Event, attempts: int, state: LaneState | None) -> ErrorInfo | None:
+        key = state.lane if state is not None else None
+        self._in_hand[key] = _InHand(event, attempts, time.monotonic(), state)
+        try:
+            if self._handler is not None:
+                await self._invoke(self._handler, event)
+            else:
+                assert self._batch_handler is not None
+                await self._invoke(self._batch_handler, [event])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return _error_info(exc)
+        finally:
+            self._in_hand.pop(key, None)
+        return None
+
+    async def _call_batch(self, events: list[Event], state: LaneState) -> ErrorInfo | None:
+        assert self._batch_handler is not None
+        self._in_hand[state.lane] = _InHand(events[0], 1, time.monotonic(), state)
+        try:
+            await self._invoke(self._batch_handler, events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return _error_info(exc)
+        finally:
+            self._in_hand.pop(state.lane, None)
+        self.stats.handled += len(events)
+        return None
+
+    async def _invoke(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        timeout = self.config.timeout
+        if inspect.iscoroutinefunction(fn):
+            if timeout is None:
+                await fn(arg)
+            else:
+                await asyncio.wait_for(fn(arg), timeout)
+            return
+        # A sync handler runs in a thread; a thread cannot be interrupted, so only
+        # hard_timeout bounds it.
+        result = await asyncio.to_thread(fn, arg)
+        if inspect.isawaitable(result):
+            await result if timeout is None else await asyncio.wait_for(result, timeout)
+
+    # -- hard timeout -------------------------------------------------------------------------
+
+    def _start_watchdog(self) -> threading.Event | None:
+        limit = self.config.hard_timeout
+        if limit is None:
+            return None
+        done = threading.Event()
+        paths, group, durability = self.log.paths, self.group, self.log.durability
+
+        def watch() -> None:
+            while not done.wait(min(0.1, limit / 4)):
+                now = time.monotonic()
+                for held in list(self._in_hand.values()):
+                    if now - held.started > limit:
+                        _exit_after_hard_timeout(paths, group, durability, held, limit)
+
+        threading.Thread(target=watch, name="eventlog-watchdog", daemon=True).start()
+        return done
+
+    # -- redeliveries -------------------------------------------------------------------------
+
+    async def _maybe_redeliver(self) -> None:
+        if self._redeliver_task is not None and not self._redeliver_task.done():
+            return
+        if self._redeliver_lock is None:
+            self._redeliver_lock = FileLock(self.log.paths.group_folder(self.group) /
+                                            "redeliver.lock")  # fmt: skip
+        if not self._redeliver_lock.held and not self._redeliver_lock.acquire(blocking=False):
+            return
+        pending = await self.log.run(_groups.redeliveries_plan(self.group, 100), "read")
+        if pending:
+            self._redeliver_task = asyncio.create_task(self._redeliver(pending))
+
+    async def _redeliver(self, pending: list[tuple[Event | None, int, str]]) -> None:
+        try:
+            for event, offset, dead_letter_id in pending:
+                if self._stop.is_set():
+                    return
+                if event is None:
+                    log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
+                                self.group, offset, dead_letter_id)  # fmt: skip
+                else:
+                    row = await self.log.run(_groups.event_attempt_plan(self.group, offset),
+                                             "none")  # fmt: skip
+                    if not await self._handle_carefully(event, int(row[0]) if row else 0, None):
+                        return
+                    self.stats.redelivered += 1
+                await self._run_write(_groups.done_redelivery_plan(self.group, offset))
+        except Exception as exc:
+            log.exception("%s: redelivery failed", self.group)
+            self._fail(exc)
+
+
+def _exit_after_hard_timeout(
+    paths: _db.Paths, group: str, durability: _db.Durability, held: _InHand, limit: float
+) -> None:
+    """Record the attempt from the watchdog thread, then end the process so its locks free."""
+    event = held.event
+    error = ("HardTimeout", f"the handler ran longer than hard_timeout={limit}s; "
+             f"process {os.getpid()} exited", "")  # fmt: skip
+    try:
+        conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
+                           check_same_thread=False)  # fmt: skip
+        lock = FileLock(paths.write_lock)
+        _db.drive(conn, _groups.record_failure_plan(group, event, held.attempts, error,
+                                                    held.state), "write", lock)  # fmt: skip
+    except Exception:
+        log.exception("could not record the timed-out attempt")
+    log.error("%s: %s[%d]@%d exceeded hard_timeout %.1fs; exiting", group, event.topic,
+              event.partition, event.offset, limit)  # fmt: skip
+    logging.shutdown()
+    os._exit(HARD_TIMEOUT_EXIT_CODE)
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float = 1.0) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:
+    """Sleep `delay` seconds; True if stop was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+        return True
+    except TimeoutError:
+        return stop.is_set()

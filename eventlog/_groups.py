@@ -1,0 +1,197 @@
+"""Consumer-group logic with no I/O of its own: lane assignment, the attempt rule, and the
+plans that move a group's positions.
+
+The attempt rule (guarantee 4). A batch is handled without a write per event; instead the
+lane row names the batch in flight (inflight_from..inflight_to) in the same transaction that
+commits the previous one. Whoever takes a lane and finds that marker knows its last owner died
+mid-batch, and handles that range one event at a time, writing each event's attempt count
+before its handler runs. An event whose attempt was written and who is still inside the
+crashed range also carries the batch run that crashed: that run is counted once, when the
+event fails again alone, so its innocent neighbours are never charged for it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from . import _sql
+from ._core import Event, Lane, Plan, Row, Stmt, now_ms, row_to_event, start_position_plan
+
+
+def assign(lanes: Sequence[Lane], members: Sequence[str], me: str) -> set[Lane]:
+    """Every member computes the same split: sorted lanes dealt round robin to sorted members."""
+    ordered = sorted(set(members))
+    if me not in ordered:
+        return set()
+    n, mine = len(ordered), ordered.index(me)
+    return {lane for i, lane in enumerate(sorted(lanes)) if i % n == mine}
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter over its upper half: never zero, never in step."""
+    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    return ceiling / 2 + rng.random() * ceiling / 2
+
+
+@dataclass
+class LaneState:
+    """What a lane's owner knows between batches."""
+
+    lane: Lane
+    position: int
+    crashed_from: int | None = None  # the in-flight range found when the lane was taken
+    crashed_to: int | None = None
+
+    def credit(self, offset: int) -> int:
+        """1 if the event was in the batch its last owner died in (see the module doc)."""
+        if self.crashed_from is None or self.crashed_to is None:
+            return 0
+        return 1 if self.crashed_from <= offset <= self.crashed_to else 0
+
+    def suspect(self, offset: int) -> bool:
+        return self.credit(offset) == 1
+
+
+@dataclass
+class Batch:
+    events: list[Event]
+    attempts: dict[int, int] = field(default_factory=dict)  # offset -> attempts written
+
+
+def take_lane_plan(group: str, lane: Lane, start: str | int | datetime) -> Plan[LaneState]:
+    """Read (or create at `start`) the group's position in a lane, and any crashed batch."""
+    topic, partition = lane
+    rows = yield Stmt(_sql.GROUP_LANE, (group, topic, partition))
+    if not rows:
+        position = yield from start_position_plan(lane, start)
+        yield Stmt(_sql.START_GROUP_LANE, (group, topic, partition, position, now_ms()))
+        rows = yield Stmt(_sql.GROUP_LANE, (group, topic, partition))
+    position, crashed_from, crashed_to = rows[0]
+    return LaneState(lane, int(position), crashed_from, crashed_to)
+
+
+def _fetch(group: str, state: LaneState, limit: int) -> Plan[Batch]:
+    topic, partition = state.lane
+    rows: list[Row] = yield Stmt(_sql.READ_LANE_AFTER, (topic, partition, state.position, limit))
+    batch = Batch([row_to_event(r) for r in rows])
+    if rows:
+        tried = yield Stmt(
+            _sql.LANE_ATTEMPTS, (group, topic, partition, state.position, rows[-1][0])
+        )
+        batch.attempts = {int(o): int(a) for o, a in tried}
+    return batch
+
+
+def peek_plan(group: str, state: LaneState, limit: int) -> Plan[Batch]:
+    """Read-only look for the next batch (no write lock while a lane is idle)."""
+    return (yield from _fetch(group, state, limit))
+
+
+def advance_plan(
+    group: str, state: LaneState, commit_to: int | None, limit: int
+) -> Plan[Batch]:
+    """Commit the batch handled (if any), fetch the next, and mark it in flight: one
+    transaction, so a crash leaves either the old marker or the new one."""
+    topic, partition = state.lane
+    if commit_to is not None:
+        state.position = max(state.position, commit_to)
+    batch = yield from _fetch(group, state, limit)
+    first = batch.events[0].offset if batch.events else None
+    last = batch.events[-1].offset if batch.events else None
+    if state.crashed_to is not None and first is not None:
+        # still inside a crashed range: keep naming it, so a second crash keeps its credit
+        first = min(first, state.crashed_from or first)
+        last = max(last or 0, state.crashed_to)
+    yield Stmt(
+        _sql.COMMIT_GROUP_LANE,
+        (state.position, first, last, now_ms(), group, topic, partition),
+    )
+    return batch
+
+
+def commit_plan(group: str, state: LaneState, commit_to: int, keep_marker: bool) -> Plan[None]:
+    """Commit a position; clears the in-flight marker unless the batch is still in hand."""
+    topic, partition = state.lane
+    state.position = max(state.position, commit_to)
+    rows = yield Stmt(_sql.GROUP_LANE, (group, topic, partition))
+    first, last = (rows[0][1], rows[0][2]) if keep_marker and rows else (None, None)
+    if first is not None and last is not None and first <= state.position:
+        first = state.position + 1 if state.position < last else None
+        last = last if first is not None else None
+    yield Stmt(_sql.COMMIT_GROUP_LANE,
+               (state.position, first, last, now_ms(), group, topic, partition))  # fmt: skip
+
+
+def start_attempt_plan(group: str, event: Event, attempts: int) -> Plan[None]:
+    """Persist that attempt number `attempts` is about to run (before the handler)."""
+    yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
+
+
+def record_failure_plan(
+    group: str,
+    event: Event,
+    attempts: int,
+    error: tuple[str, str, str],
+    state: LaneState | None,
+) -> Plan[None]:
+    """Record a failed attempt. The first failure of a batch-handled event also commits the
+    events before it and takes it out of the in-flight range: its attempts are now counted
+    one by one."""
+    ts = now_ms()
+    yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
+    yield Stmt(_sql.RECORD_FAILURE, (ts, ts, *error, group, event.offset))
+    if state is not None and not state.suspect(event.offset):
+        yield from _commit_before(group, state, event)
+
+
+def _commit_before(group: str, state: LaneState, event: Event) -> Plan[None]:
+    topic, partition = state.lane
+    state.position = max(state.position, event.offset - 1)
+    rows = yield Stmt(_sql.GROUP_LANE, (group, topic, partition))
+    last = rows[0][2] if rows else None
+    first = event.offset + 1 if last is not None and last > event.offset else None
+    yield Stmt(_sql.COMMIT_GROUP_LANE,
+               (state.position, first, last if first is not None else None, now_ms(), group,
+                topic, partition))  # fmt: skip
+
+
+def event_attempt_plan(group: str, offset: int) -> Plan[Row | None]:
+    rows = yield Stmt(_sql.EVENT_ATTEMPT, (group, offset))
+    return rows[0] if rows else None
+
+
+def finish_event_plan(group: str, event: Event, state: LaneState | None) -> Plan[None]:
+    """The event succeeded or was dead-lettered: forget its attempts; commit past it."""
+    yield Stmt(_sql.CLEAR_ATTEMPTS, (group, event.offset))
+    if state is not None:
+        yield from commit_plan(group, state, event.offset, keep_marker=True)
+
+
+def redeliveries_plan(group: str, limit: int) -> Plan[list[tuple[Event | None, int, str]]]:
+    rows = yield Stmt(_sql.PENDING_REDELIVERIES, (group, limit))
+    found = []
+    for offset, dead_letter_id in rows:
+        event_rows = yield Stmt(_sql.READ_EVENT, (offset,))
+        event = row_to_event(event_rows[0]) if event_rows else None
+        found.append((event, int(offset), str(dead_letter_id)))
+    return found
+
+
+def done_redelivery_plan(group: str, offset: int) -> Plan[None]:
+    yield Stmt(_sql.CLEAR_ATTEMPTS, (group, offset))
+    yield Stmt(_sql.DONE_REDELIVERY, (group, offset))
+
+
+def request_redelivery_plan(entries: Sequence[tuple[str, int, str]]) -> Plan[int]:
+    """Queue (group, offset, dead-letter id) for redelivery to that group only, attempts reset."""
+    ts = now_ms()
+    added = 0
+    for group, offset, dead_letter_id in entries:
+        yield Stmt(_sql.CLEAR_ATTEMPTS, (group, offset))
+        rows = yield Stmt(_sql.REQUEST_REDELIVERY + " RETURNING event_offset",
+                          (group, offset, dead_letter_id, ts))  # fmt: skip
+        added += len(rows)
+    return added
