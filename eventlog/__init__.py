@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from ._async import AsyncLog, AsyncWaiter, open
+from ._consumer import Consumer, ConsumerStats
 from ._core import Event, Limits, TopicInfo
+from ._deadletter import DeadLetter
+from ._groups import LanePosition
+from ._members import MemberInfo
 from ._sync import Draft, SyncLog, WaitResult, append_in_transaction
 from .errors import (
     CorruptDatabase,
@@ -41,6 +45,11 @@ def open_sync(path: str, **options: object) -> SyncLog:
 __all__ = [
     "AsyncLog",
     "AsyncWaiter",
+    "Consumer",
+    "ConsumerStats",
+    "DeadLetter",
+    "LanePosition",
+    "MemberInfo",
     "CorruptDatabase",
     "DatabaseBusy",
     "DeadLetterError",

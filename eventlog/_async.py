@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from . import _core, _db, _sql
+from . import _core, _db, _deadletter, _groups, _sql
 from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, TopicCache, TopicInfo
 from ._locks import FileLock
 from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
@@ -376,6 +376,71 @@ class AsyncLog:
             max_backoff=max_backoff, timeout=timeout, hard_timeout=hard_timeout, start=start,
         )  # fmt: skip
         return Consumer(self, group, topics, handler, batch_handler=batch_handler, config=config)
+
+    # -- dead letters and groups --------------------------------------------------------------
+
+    async def dead_letters(
+        self,
+        *,
+        group: str | None = None,
+        topic: str | None = None,
+        since: datetime | None = None,
+        include_requeued: bool = True,
+    ) -> _deadletter.Listing:
+        """The dead-letter file's entries (filtered), with the lines it could not read."""
+        listing = await asyncio.to_thread(_deadletter.DeadLetterFile(self.paths).read)
+        listing.entries = _deadletter.select(
+            listing.entries, group=group, topic=topic, include_requeued=include_requeued,
+            since_ms=_core.datetime_ms(since) if since is not None else None,
+        )  # fmt: skip
+        return listing
+
+    async def requeue_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        all: bool = False,  # noqa: A002 - reads well at the call site
+        dry_run: bool = False,
+    ) -> list[_deadletter.DeadLetter]:
+        """Send dead letters back to their own group only, attempts reset. Entries stay in the
+        file, marked requeued; a renewed failure adds a new entry."""
+        file = _deadletter.DeadLetterFile(self.paths)
+        chosen = await asyncio.to_thread(
+            _deadletter.choose, file, ids, group, all, include_requeued=False
+        )
+        if dry_run or not chosen:
+            return chosen
+        await self.run(
+            _groups.request_redelivery_plan([(e.group, e.offset, e.id) for e in chosen]), "write"
+        )
+        await asyncio.to_thread(
+            _deadletter.mark_requeued, file, {e.id for e in chosen}, _core.now_ms()
+        )
+        self.notify()
+        return chosen
+
+    async def purge_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        all: bool = False,  # noqa: A002
+        dry_run: bool = False,
+    ) -> list[_deadletter.DeadLetter]:
+        """Remove dead letters from the file for good."""
+        file = _deadletter.DeadLetterFile(self.paths)
+        chosen = await asyncio.to_thread(
+            _deadletter.choose, file, ids, group, all, include_requeued=True
+        )
+        if not dry_run and chosen:
+            await asyncio.to_thread(_deadletter.drop, file, {e.id for e in chosen})
+        return chosen
+
+    async def group_positions(self, group: str | None = None) -> list[_groups.LanePosition]:
+        if group is not None:
+            _core.check_name(group, "group", self.limits)
+        return await self.run(_groups.positions_plan(group), "read")
 
     # -- upkeep -------------------------------------------------------------------------------
 

@@ -14,13 +14,13 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from ._db import Paths
 from ._locks import FileLock
-from .errors import DeadLetterError, InvalidArgument, translate
+from .errors import DeadLetterError, InvalidArgument, NotFound, translate
 
 _ID_RE = re.compile(r"[0-9a-f]{12}")
 
@@ -227,3 +227,36 @@ def _fsync_folder(folder: os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def choose(
+    file: DeadLetterFile,
+    ids: Iterable[str] | None,
+    group: str | None,
+    everything: bool,
+    *,
+    include_requeued: bool,
+) -> list[DeadLetter]:
+    """The entries a requeue or purge acts on: by id, by group, or all (one must be said)."""
+    if ids is None and group is None and not everything:
+        raise InvalidArgument("say which dead letters: ids, a group, or all")
+    listing = file.read()
+    chosen = select(listing.entries, ids=ids, group=group, include_requeued=include_requeued)
+    if ids is not None:
+        missing = {check_id(i) for i in ids} - {e.id for e in select(listing.entries, ids=ids)}
+        if missing:
+            raise NotFound(f"no dead letter with id {', '.join(sorted(missing))}")
+    return chosen
+
+
+def mark_requeued(file: DeadLetterFile, ids: set[str], at_ms: int) -> list[DeadLetter]:
+    def change(entry: DeadLetter) -> DeadLetter:
+        if entry.id in ids and entry.requeued_at_ms is None:
+            return replace(entry, requeued_at_ms=at_ms)
+        return entry
+
+    return file.rewrite(change)
+
+
+def drop(file: DeadLetterFile, ids: set[str]) -> list[DeadLetter]:
+    return file.rewrite(lambda entry: None if entry.id in ids else entry)

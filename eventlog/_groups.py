@@ -195,3 +195,51 @@ def request_redelivery_plan(entries: Sequence[tuple[str, int, str]]) -> Plan[int
                           (group, offset, dead_letter_id, ts))  # fmt: skip
         added += len(rows)
     return added
+
+
+# -- inspection -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LanePosition:
+    group: str
+    topic: str
+    partition: int
+    position: int  # the last offset the group is done with
+    head: int  # the last offset in the lane (0 if empty)
+    lag: int  # events in the lane after position
+    in_flight: tuple[int, int] | None
+    updated_at_ms: int
+
+
+def positions_plan(group: str | None = None) -> Plan[list[LanePosition]]:
+    """Every group's (or one group's) position per lane, with head and lag."""
+    if group is None:
+        rows = yield Stmt(_sql.LIST_GROUP_LANES)
+    else:
+        rows = yield Stmt(_sql.GROUP_LANES, (group,))
+    found = []
+    for name, topic, partition, position, inflight_from, inflight_to, updated_at in rows:
+        head_rows = yield Stmt(_sql.LAST_OFFSET_IN_LANE, (topic, partition))
+        head = int(head_rows[0][0] or 0)
+        lag = 0
+        if head > position:
+            lag_rows = yield Stmt(_sql.COUNT_LANE_AFTER, (topic, partition, position))
+            lag = int(lag_rows[0][0])
+        in_flight = (int(inflight_from), int(inflight_to)) if inflight_from is not None else None
+        found.append(LanePosition(name, topic, int(partition), int(position), head, lag,
+                                  in_flight, int(updated_at)))  # fmt: skip
+    return found
+
+
+def attempts_plan(group: str) -> Plan[list[Row]]:
+    """Events of the group being retried: offset, topic, partition, attempts, last error."""
+    return (yield Stmt(_sql.GROUP_ATTEMPTS, (group,)))
+
+
+def delete_group_plan(group: str) -> Plan[int]:
+    rows = yield Stmt(_sql.GROUP_LANES, (group,))
+    yield Stmt(_sql.DELETE_GROUP_OFFSETS, (group,))
+    yield Stmt(_sql.DELETE_GROUP_ATTEMPTS, (group,))
+    yield Stmt(_sql.DELETE_GROUP_REDELIVERIES, (group,))
+    return len(rows)

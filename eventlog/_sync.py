@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import _core, _db, _sql
+from . import _core, _db, _deadletter, _groups, _members, _sql
 from ._core import (
     DEFAULT_LIMITS,
     EncodedEvent,
@@ -26,7 +26,7 @@ from ._core import (
 )
 from ._locks import FileLock
 from ._wake import WakeListener, WakeSender
-from .errors import InvalidArgument, LogClosed, StorageError
+from .errors import GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
 
 log = logging.getLogger("eventlog")
 T = TypeVar("T")
@@ -384,6 +384,88 @@ class SyncLog:
                 await alog.close()
 
         asyncio.run(main())
+
+    # -- dead letters and groups --------------------------------------------------------------
+
+    def dead_letters(
+        self,
+        *,
+        group: str | None = None,
+        topic: str | None = None,
+        since: datetime | None = None,
+        include_requeued: bool = True,
+    ) -> _deadletter.Listing:
+        """The dead-letter file's entries (filtered), with the lines it could not read."""
+        listing = _deadletter.DeadLetterFile(self.paths).read()
+        listing.entries = _deadletter.select(
+            listing.entries, group=group, topic=topic, include_requeued=include_requeued,
+            since_ms=_core.datetime_ms(since) if since is not None else None,
+        )  # fmt: skip
+        return listing
+
+    def dead_letter(self, dead_letter_id: str) -> _deadletter.DeadLetter:
+        _deadletter.check_id(dead_letter_id)
+        for entry in _deadletter.DeadLetterFile(self.paths).read().entries:
+            if entry.id == dead_letter_id:
+                return entry
+        raise NotFound(f"no dead letter with id {dead_letter_id}")
+
+    def requeue_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        all: bool = False,  # noqa: A002 - reads well at the call site
+        dry_run: bool = False,
+    ) -> list[_deadletter.DeadLetter]:
+        """Send dead letters back to their own group only, attempts reset. Entries stay in the
+        file, marked requeued; a renewed failure adds a new entry."""
+        file = _deadletter.DeadLetterFile(self.paths)
+        chosen = _deadletter.choose(file, ids, group, all, include_requeued=False)
+        if dry_run or not chosen:
+            return chosen
+        self.run(_groups.request_redelivery_plan([(e.group, e.offset, e.id) for e in chosen]),
+                 "write")  # fmt: skip
+        _deadletter.mark_requeued(file, {e.id for e in chosen}, _core.now_ms())
+        self._wake.notify()
+        return chosen
+
+    def purge_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        group: str | None = None,
+        all: bool = False,  # noqa: A002
+        dry_run: bool = False,
+    ) -> list[_deadletter.DeadLetter]:
+        """Remove dead letters from the file for good."""
+        file = _deadletter.DeadLetterFile(self.paths)
+        chosen = _deadletter.choose(file, ids, group, all, include_requeued=True)
+        if not dry_run and chosen:
+            _deadletter.drop(file, {e.id for e in chosen})
+        return chosen
+
+    def group_positions(self, group: str | None = None) -> list[_groups.LanePosition]:
+        if group is not None:
+            _core.check_name(group, "group", self.limits)
+        return self.run(_groups.positions_plan(group), "read")
+
+    def group_members(self, group: str) -> list[_members.MemberInfo]:
+        """The group's member files: live ones with their last heartbeat, and stale ones."""
+        return _members.list_members(self.paths, group)
+
+    def group_names(self) -> list[str]:
+        known = {p.group for p in self.group_positions()}
+        return sorted(known | set(_members.list_groups(self.paths)))
+
+    def delete_group(self, group: str) -> int:
+        """Forget a group's positions, attempts and redeliveries; refuses while it has live
+        members. Returns how many positions were deleted."""
+        live = [m for m in self.group_members(group) if m.alive]
+        if live:
+            pids = ", ".join(str((m.heartbeat or {}).get("pid", "?")) for m in live)
+            raise GroupBusy(f"group {group!r} has live members (pids {pids})")
+        return self.run(_groups.delete_group_plan(group), "write")
 
     # -- upkeep -------------------------------------------------------------------------------
 
