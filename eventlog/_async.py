@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 # Group commit: how many queued events one transaction takes at most.
 MAX_GROUP_COMMIT = 5000
+# Batches up to this size may commit on the loop thread (durability normal, lock free).
+FAST_BATCH_MAX = 64
 
 
 class AsyncLog:
@@ -72,6 +74,13 @@ class AsyncLog:
         self._wake: WakeSender | None = None
         self._pid = os.getpid()
         self._closed = False
+        self._fast_conn: sqlite3.Connection | None = None
+        self._fast_lock: FileLock | None = None
+        self._fast_commits = 0
+        self._flush_scheduled = False
+        self._step_used = False
+        self._inline_task: asyncio.Task[Any] | None = None
+        self._checkpointer: asyncio.Task[Any] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -81,6 +90,14 @@ class AsyncLog:
         _db.prepare_files(paths, create=self._create)
         self._write_lock = FileLock(paths.write_lock)
         self._wake = WakeSender(paths.wake_folder)
+        if self.durability == "normal":
+            # A commit at synchronous=NORMAL does not fsync: when the lock is free it takes
+            # less time on the loop thread than one hop to the worker thread. Checkpoints
+            # (which do fsync) are left to the worker thread. The lock file is opened again
+            # so that the two threads' flocks exclude each other.
+            self._fast_lock = FileLock(paths.write_lock)
+            self._fast_conn = _db.connect(paths, durability="normal", busy_timeout_ms=0)
+            self._fast_conn.execute("PRAGMA wal_autocheckpoint = 0")
 
         def connector() -> sqlite3.Connection:
             conn = _db.connect(paths, durability=self.durability, busy_timeout_ms=self._busy_ms)
@@ -102,6 +119,7 @@ class AsyncLog:
         except BaseException:
             self._write_lock.close()
             self._wake.close()
+            self._close_fast()
             raise
         self._aconn = aconn
         return self
@@ -115,12 +133,23 @@ class AsyncLog:
             return  # nothing of the parent's may be touched in a child
         if self._writer is not None:
             await asyncio.shield(self._writer)
+        if self._checkpointer is not None:
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
+        self._close_fast()
         if self._aconn is not None:
             await self._aconn.close()
         if self._write_lock is not None:
             self._write_lock.close()
         if self._wake is not None:
             self._wake.close()
+
+    def _close_fast(self) -> None:
+        if self._fast_conn is not None:
+            self._fast_conn.close()
+            self._fast_conn = None
+        if self._fast_lock is not None:
+            self._fast_lock.close()
+            self._fast_lock = None
 
     async def __aenter__(self) -> AsyncLog:
         return self
@@ -173,46 +202,155 @@ class AsyncLog:
         encoded = encode_drafts(drafts, self.limits)
         return await self._append(encoded) if encoded else []
 
+    def _append_now(self, encoded: Sequence[EncodedEvent]) -> list[int] | None:
+        """Commit on the loop thread if the write lock is free at once (durability normal
+        only); None means it was taken and the append must wait its turn on the worker."""
+        if self._fast_conn is None:
+            return None
+        try:
+            offsets = _db.drive(
+                self._fast_conn,
+                _core.append_plan(encoded, self._cache, self.default_partitions),
+                "write",
+                self._fast_lock,
+                wait=False,
+            )
+        except _db.WouldBlock:
+            return None
+        except BaseException:
+            self._cache = TopicCache()
+            raise
+        assert self._wake is not None
+        self._wake.notify()
+        self._fast_commits += 1
+        if self._fast_commits % 256 == 0 and (
+            self._checkpointer is None or self._checkpointer.done()
+        ):
+            self._checkpointer = asyncio.create_task(self._checkpoint_passive())
+        return offsets
+
+    async def _checkpoint_passive(self) -> None:
+        def plan() -> Plan[list[_core.Row]]:
+            return (yield _core.Stmt(_sql.CHECKPOINT_PASSIVE))
+
+        try:
+            await self.run(plan(), "none")
+        except EventlogError as exc:
+            log.warning("background checkpoint failed: %s", exc)
+
     def _append(self, encoded: Sequence[EncodedEvent]) -> Awaitable[list[int]]:
         self._check()
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        if self._can_commit_inline(encoded, loop):
+            offsets = self._append_now(encoded)
+            if offsets is not None:
+                future.set_result(offsets)
+                return future
         self._pending.append((encoded, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_pending())
+        if not self._flush_scheduled and (self._writer is None or self._writer.done()):
+            # Flush after every coroutine ready now has queued its append: they share it.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return future
+
+    def _can_commit_inline(
+        self, encoded: Sequence[EncodedEvent], loop: asyncio.AbstractEventLoop
+    ) -> bool:
+        """Whether this append may commit right now, in the caller's own step.
+
+        Only when nothing is queued, and only for the first appending task of this loop
+        step (or the task that did so before: a caller awaiting appends one after another).
+        Other tasks appending in the same step queue instead and share one transaction.
+        """
+        if (
+            self._fast_conn is None
+            or self._pending
+            or len(encoded) > FAST_BATCH_MAX
+            or (self._writer is not None and not self._writer.done())
+        ):
+            return False
+        task = asyncio.current_task()
+        if self._step_used and task is not self._inline_task:
+            return False
+        if not self._step_used:
+            self._step_used = True
+            loop.call_soon(self._end_step)
+        self._inline_task = task
+        return True
+
+    def _end_step(self) -> None:
+        self._step_used = False
+
+    def _take_batch(self) -> list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]]:
+        batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
+        size = 0
+        while self._pending and (not batch or size + len(self._pending[0][0]) <= MAX_GROUP_COMMIT):
+            entry = self._pending.pop(0)
+            if entry[1].done():
+                continue  # its caller was cancelled before the transaction began
+            batch.append(entry)
+            size += len(entry[0])
+        return batch
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]],
+        offsets: list[int] | None,
+        error: BaseException | None = None,
+    ) -> None:
+        i = 0
+        for encoded, future in batch:
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    assert offsets is not None
+                    future.set_result(offsets[i : i + len(encoded)])
+            i += len(encoded)
+
+    def _flush(self) -> None:
+        """Commit small queued appends on the loop thread when possible, else start the
+        worker-thread writer."""
+        self._flush_scheduled = False
+        if self._writer is not None and not self._writer.done():
+            return
+        if self._fast_conn is not None and sum(len(e) for e, _ in self._pending) <= FAST_BATCH_MAX:
+            batch = self._take_batch()
+            try:
+                offsets = self._append_now([e for encoded, _ in batch for e in encoded])
+            except Exception as exc:
+                self._settle(batch, None, exc)
+                return
+            if offsets is not None:
+                self._settle(batch, offsets)
+                return
+            self._pending[:0] = batch  # the lock was taken: queue them for the worker
+        if self._pending:
+            self._writer = asyncio.create_task(self._write_pending())
 
     async def _write_pending(self) -> None:
         while self._pending:
-            batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
-            size = 0
-            while self._pending and (not batch or size + len(self._pending[0][0]) <= MAX_GROUP_COMMIT):
-                entry = self._pending.pop(0)
-                if entry[1].done():
-                    continue  # its caller was cancelled before the transaction began
-                batch.append(entry)
-                size += len(entry[0])
+            batch = self._take_batch()
             if not batch:
                 continue
             flat = [e for encoded, _ in batch for e in encoded]
             try:
-                offsets = await self.run(
-                    _core.append_plan(flat, self._cache, self.default_partitions), "write"
-                )
+                # big batches go to the worker: the loop stays free while they are written
+                offsets = self._append_now(flat) if len(flat) <= FAST_BATCH_MAX else None
+                if offsets is None:
+                    offsets = await self.run(
+                        _core.append_plan(flat, self._cache, self.default_partitions), "write"
+                    )
+                    assert self._wake is not None
+                    self._wake.notify()
             except BaseException as exc:
                 self._cache = TopicCache()
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._settle(batch, None, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            assert self._wake is not None
-            self._wake.notify()
-            i = 0
-            for encoded, future in batch:
-                if not future.done():
-                    future.set_result(offsets[i : i + len(encoded)])
-                i += len(encoded)
+            self._settle(batch, offsets)
 
     async def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = True) -> bool:
         """Create a topic with a fixed partition count; False if it already existed."""

@@ -298,11 +298,33 @@ def start_position_plan(lane: Lane, start: str | int | datetime) -> Plan[int]:
     if isinstance(start, int):
         return max(start - 1, 0)
     assert isinstance(start, datetime)
-    rows = yield Stmt(_sql.FIRST_OFFSET_AT_TIME, (lane[0], lane[1], datetime_ms(start)))
-    if rows[0][0] is not None:
-        return int(rows[0][0]) - 1
-    rows = yield Stmt(_sql.HEAD_OFFSET)
-    return int(rows[0][0])
+    return (yield from offset_before_time_plan(lane, datetime_ms(start)))
+
+
+def offset_before_time_plan(lane: Lane, at_ms: int) -> Plan[int]:
+    """The position just before the lane's first event at or after `at_ms`.
+
+    Bisects the lane's offsets on its index: created_at grows with the offset (up to clock
+    steps), so no time index is kept and each probe is one index seek.
+    """
+    topic, partition = lane
+    rows = yield Stmt(_sql.LAST_EVENT_IN_LANE, (topic, partition))
+    if not rows or rows[0][1] < at_ms:
+        head = yield Stmt(_sql.HEAD_OFFSET)
+        return int(head[0][0])
+    hi = int(rows[0][0])
+    rows = yield Stmt(_sql.FIRST_OFFSET_IN_LANE, (topic, partition))
+    lo = int(rows[0][0])
+    # smallest x in [lo, hi] whose next lane event is at or after the time
+    while lo < hi:
+        mid = (lo + hi) // 2
+        probe = yield Stmt(_sql.LANE_EVENT_FROM, (topic, partition, mid))
+        if probe[0][1] >= at_ms:
+            hi = mid
+        else:
+            lo = mid + 1
+    first = yield Stmt(_sql.LANE_EVENT_FROM, (topic, partition, lo))
+    return int(first[0][0]) - 1
 
 
 # -- topics and appends -----------------------------------------------------------------------
@@ -314,6 +336,7 @@ class TopicCache:
 
     partitions: dict[str, int] = field(default_factory=dict)
     spread: dict[str, int] = field(default_factory=dict)
+    counted: dict[str, int] = field(default_factory=dict)  # counted_through, as last seen
 
     def next_spread(self, topic: str) -> int:
         n = self.spread.get(topic, 0)
@@ -327,8 +350,9 @@ def create_topic_plan(
     """Create a topic; returns False when it already existed with that partition count."""
     rows = yield Stmt(_sql.CREATE_TOPIC_RETURNING, (topic, partitions, now_ms()))
     created = bool(rows)
+    rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
+    cache.counted[topic] = int(rows[0][1])
     if not created:
-        rows = yield Stmt(_sql.TOPIC_PARTITIONS, (topic,))
         existing = int(rows[0][0])
         if existing != partitions:
             raise TopicConflict(
@@ -340,6 +364,11 @@ def create_topic_plan(
     return created
 
 
+# An appender folds a topic's uncounted tail into its event count once the tail may span
+# this many offsets: appends write no counter row, and a count never scans more than a tail.
+FOLD_EVERY = 4096
+
+
 def append_plan(
     events: Sequence[EncodedEvent], cache: TopicCache, default_partitions: int = 1
 ) -> Plan[list[int]]:
@@ -348,8 +377,9 @@ def append_plan(
     for topic in dict.fromkeys(e.topic for e in events):
         if topic not in cache.partitions:
             yield Stmt(_sql.CREATE_TOPIC, (topic, default_partitions, ts))
-            rows = yield Stmt(_sql.TOPIC_PARTITIONS, (topic,))
+            rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
             cache.partitions[topic] = int(rows[0][0])
+            cache.counted[topic] = int(rows[0][1])
     params = [
         (
             e.topic,
@@ -363,16 +393,15 @@ def append_plan(
         for e in events
     ]
     offsets: list[int] = []
-    inserted: dict[str, list[int]] = {}
-    if any(e.dedupe_key is not None for e in events):
+    if len(params) == 1 and events[0].dedupe_key is None:
+        rows = yield Stmt(_sql.INSERT_EVENT_RETURNING, params[0])
+        offsets.append(int(rows[0][0]))
+    elif any(e.dedupe_key is not None for e in events):
         for p, e in zip(params, events, strict=True):
             rows = yield Stmt(_sql.INSERT_EVENT_DEDUPED, p)
-            if rows:
-                offsets.append(int(rows[0][0]))
-                inserted.setdefault(e.topic, []).append(offsets[-1])
-            else:
+            if not rows:
                 rows = yield Stmt(_sql.OFFSET_OF_DEDUPE_KEY, (e.topic, e.dedupe_key))
-                offsets.append(int(rows[0][0]))
+            offsets.append(int(rows[0][0]))
     else:
         # One statement for the whole batch. Under the write lock AUTOINCREMENT hands out
         # consecutive ids, so the last id names them all.
@@ -380,11 +409,30 @@ def append_plan(
         rows = yield Stmt(_sql.LAST_INSERT_ID)
         last = int(rows[0][0])
         offsets = list(range(last - len(params) + 1, last + 1))
-        for e, offset in zip(events, offsets, strict=True):
-            inserted.setdefault(e.topic, []).append(offset)
-    for topic, topic_offsets in inserted.items():
-        yield Stmt(_sql.COUNT_APPENDED, (len(topic_offsets), topic_offsets[-1], ts, topic))
+    for topic in dict.fromkeys(e.topic for e in events):
+        if offsets[-1] - cache.counted.get(topic, 0) >= FOLD_EVERY:
+            yield from fold_count_plan(topic, cache, offsets[-1])
     return offsets
+
+
+def fold_count_plan(topic: str, cache: TopicCache, through: int) -> Plan[None]:
+    """Count the topic's events in (counted_through, through] into its event count."""
+    rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
+    partitions, counted = int(rows[0][0]), int(rows[0][1])
+    if through > counted:
+        tail = yield from count_range_plan(topic, partitions, counted, through)
+        yield Stmt(_sql.FOLD_TOPIC_COUNT, (tail, through, topic))
+        counted = through
+    cache.counted[topic] = counted
+
+
+def count_range_plan(topic: str, partitions: int, after: int, through: int) -> Plan[int]:
+    """Events of the topic with offsets in (after, through], one index range per lane."""
+    total = 0
+    for p in range(partitions):
+        rows = yield Stmt(_sql.COUNT_LANE_RANGE, (topic, p, after, through))
+        total += int(rows[0][0])
+    return total
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -461,29 +509,39 @@ class TopicInfo:
     partitions: int
     events: int
     first_offset: int | None
-    last_offset: int
+    last_offset: int | None
     created_at_ms: int
     last_append_ms: int | None
 
 
 def topics_plan() -> Plan[list[TopicInfo]]:
+    """Every topic with its event count (counter plus a short tail) and its first and last
+    offsets (one index probe per partition): never a scan of the log."""
     rows = yield Stmt(_sql.LIST_TOPICS)
     topics = []
-    for name, partitions, created_at, events, last_offset, last_append_at in rows:
-        firsts = []
+    for name, partitions, created_at, events, counted in rows:
+        firsts, lasts = [], []
         for p in range(int(partitions)):
             first = yield Stmt(_sql.FIRST_OFFSET_IN_LANE, (name, p))
             if first[0][0] is not None:
                 firsts.append(int(first[0][0]))
+            last = yield Stmt(_sql.LAST_EVENT_IN_LANE, (name, p))
+            if last:
+                lasts.append((int(last[0][0]), int(last[0][1])))
+        tail = 0
+        if lasts:
+            tail = yield from count_range_plan(name, int(partitions), int(counted),
+                                               max(o for o, _ in lasts))  # fmt: skip
+        newest = max(lasts) if lasts else None
         topics.append(
             TopicInfo(
                 name,
                 int(partitions),
-                int(events),
+                int(events) + tail,
                 min(firsts) if firsts else None,
-                int(last_offset),
+                newest[0] if newest else None,
                 int(created_at),
-                last_append_at,
+                newest[1] if newest else None,
             )
         )
     return topics

@@ -171,21 +171,37 @@ def connect(
     return conn
 
 
+class WouldBlock(Exception):
+    """The write lock is taken; the plan did not start. Run it again where waiting is fine."""
+
+
 def drive(
-    conn: sqlite3.Connection, plan: Plan[T], mode: Mode, write_lock: FileLock | None = None
+    conn: sqlite3.Connection,
+    plan: Plan[T],
+    mode: Mode,
+    write_lock: FileLock | None = None,
+    *,
+    wait: bool = True,
 ) -> T:
     """Run a plan's statements, in one transaction unless mode is "none".
 
     Writes first take the sidecar write lock: SQLite's busy handler sleeps in coarse steps,
-    while a blocked flock wakes the instant the lock is free. Any failure rolls back.
+    while a blocked flock wakes the instant the lock is free. Any failure rolls back. With
+    wait=False (a connection whose busy_timeout is 0), a taken lock raises WouldBlock.
     """
     locked = False
     try:
         if mode == "write":
             if write_lock is not None:
-                write_lock.acquire()
+                if not write_lock.acquire(blocking=wait):
+                    raise WouldBlock
                 locked = True
-            conn.execute(_sql.BEGIN_WRITE)
+            try:
+                conn.execute(_sql.BEGIN_WRITE)
+            except sqlite3.OperationalError as exc:
+                if not wait and "locked" in str(exc):
+                    raise WouldBlock from exc
+                raise
         elif mode == "read":
             conn.execute(_sql.BEGIN_READ)
         reply: list[Row] | None = None

@@ -22,6 +22,7 @@ ROLLBACK = "ROLLBACK"
 
 DATA_VERSION = "PRAGMA data_version"
 CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
+CHECKPOINT_PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
 INTEGRITY_CHECK = "PRAGMA integrity_check"
 QUICK_CHECK = "PRAGMA quick_check"
 
@@ -45,19 +46,32 @@ CREATE_TOPIC = (
 )
 CREATE_TOPIC_RETURNING = CREATE_TOPIC + " RETURNING name"
 TOPIC_PARTITIONS = "SELECT partitions FROM eventlog_topics WHERE name = ?"
+TOPIC_COUNTS = "SELECT partitions, counted_through FROM eventlog_topics WHERE name = ?"
 ALL_TOPIC_PARTITIONS = "SELECT name, partitions FROM eventlog_topics ORDER BY name"
-COUNT_APPENDED = (
-    "UPDATE eventlog_topics SET events = events + ?, last_offset = max(last_offset, ?),"
-    " last_append_at = ? WHERE name = ?"
+COUNT_LANE_RANGE = (
+    "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
+    " AND id <= ?"
+)
+FOLD_TOPIC_COUNT = (
+    "UPDATE eventlog_topics SET events = events + ?, counted_through = ? WHERE name = ?"
 )
 COUNT_PRUNED = "UPDATE eventlog_topics SET events = max(events - ?, 0) WHERE name = ?"
 LIST_TOPICS = (
-    "SELECT name, partitions, created_at, events, last_offset, last_append_at"
-    " FROM eventlog_topics ORDER BY name"
+    "SELECT name, partitions, created_at, events, counted_through FROM eventlog_topics"
+    " ORDER BY name"
 )
 # Rides eventlog_events_lane: one index probe per partition, never a scan.
 FIRST_OFFSET_IN_LANE = "SELECT min(id) FROM eventlog_events WHERE topic = ? AND partition = ?"
 LAST_OFFSET_IN_LANE = "SELECT max(id) FROM eventlog_events WHERE topic = ? AND partition = ?"
+LAST_EVENT_IN_LANE = (
+    "SELECT id, created_at FROM eventlog_events WHERE topic = ? AND partition = ?"
+    " ORDER BY id DESC LIMIT 1"
+)
+# One probe of the bisection that finds a time in a lane.
+LANE_EVENT_FROM = (
+    "SELECT id, created_at FROM eventlog_events WHERE topic = ? AND partition = ? AND id >= ?"
+    " ORDER BY id LIMIT 1"
+)
 
 # -- events -----------------------------------------------------------------------------------
 
@@ -66,6 +80,7 @@ INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # A retried producer's dedupe key hits the partial unique index and inserts nothing.
+INSERT_EVENT_RETURNING = INSERT_EVENT + " RETURNING id"
 INSERT_EVENT_DEDUPED = INSERT_EVENT + (
     " ON CONFLICT (topic, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
 )
@@ -80,9 +95,6 @@ READ_LANE_AFTER = (
     " WHERE topic = ? AND partition = ? AND id > ? ORDER BY id LIMIT ?"
 )
 READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM eventlog_events WHERE id = ?"
-FIRST_OFFSET_AT_TIME = (
-    "SELECT min(id) FROM eventlog_events WHERE topic = ? AND partition = ? AND created_at >= ?"
-)
 COUNT_LANE_AFTER = (
     "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
 )

@@ -4,11 +4,12 @@
 CREATE TABLE eventlog_topics (
     name           TEXT PRIMARY KEY,
     partitions     INTEGER NOT NULL CHECK (partitions BETWEEN 1 AND 1024),
-    created_at     INTEGER NOT NULL,               -- ms since the epoch
-    -- counters kept by every append and prune, so stats never runs COUNT(*)
-    events         INTEGER NOT NULL DEFAULT 0,
-    last_offset    INTEGER NOT NULL DEFAULT 0,
-    last_append_at INTEGER
+    created_at      INTEGER NOT NULL,              -- ms since the epoch
+    -- events = how many of the topic's events have offsets <= counted_through. Appenders
+    -- fold the tail in every few thousand offsets and prune subtracts what it deletes, so an
+    -- append writes no counter row and stats only ever counts a short tail.
+    events          INTEGER NOT NULL DEFAULT 0,
+    counted_through INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 -- AUTOINCREMENT: an offset is never reused, even after pruning empties the table.
@@ -23,9 +24,9 @@ CREATE TABLE eventlog_events (
     dedupe_key TEXT
 );
 
--- Every read walks one lane (topic, partition) in offset order.
+-- Every read walks one lane (topic, partition) in offset order. There is no time index:
+-- created_at grows with the offset, so a time is found by bisecting a lane.
 CREATE INDEX eventlog_events_lane ON eventlog_events (topic, partition, id);
-CREATE INDEX eventlog_events_time ON eventlog_events (topic, created_at);
 CREATE UNIQUE INDEX eventlog_events_dedupe ON eventlog_events (topic, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
 
