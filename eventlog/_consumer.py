@@ -18,7 +18,8 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,57 @@ class _LaneRun:
     revoked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _HandlerGate:
+    """Who may call a handler right now, process-wide.
+
+    Lanes call their handlers side by side (shared), except while an event's attempt is
+    persisted and unresolved: that event's handler runs alone (exclusive). If the process dies
+    then (a handler calling os._exit, a hard timeout, a kill), the death is charged to that
+    event only. Without this, an event dying in one lane would charge the event in careful
+    hands in another lane on every restart, and dead-letter it with the poison.
+    Waiting exclusive callers go first, so careful work cannot starve.
+    """
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            await self._changed.wait()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        await self._until(lambda: not self._exclusive and not self._waiting)
+        self._shared += 1
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            self._notify()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        self._waiting += 1
+        try:
+            await self._until(lambda: not self._exclusive and not self._shared)
+        finally:
+            self._waiting -= 1
+            self._notify()
+        self._exclusive = True
+        try:
+            yield
+        finally:
+            self._exclusive = False
+            self._notify()
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     text = "".join(traceback.format_exception(exc))
     if len(text) > _TRACEBACK_CHARS:
@@ -141,6 +193,7 @@ class Consumer:
         self._redeliver_lock: FileLock | None = None
         self._redeliver_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._gate = _HandlerGate()
 
     # -- public -------------------------------------------------------------------------------
 
@@ -310,13 +363,16 @@ class Consumer:
                     run.append(events[j])
                     j += 1
                 if len(run) > 1:
-                    if await self._call_batch(run, state) is None:
+                    async with self._gate.shared():
+                        batch_error = await self._call_batch(run, state)
+                    if batch_error is None:
                         done = run[-1].offset
                         i = j
                         continue
                     # the batch failed: retry its events alone to find the bad one
                     singles_until = run[-1].offset
-            error = await self._call(event, 1, state)
+            async with self._gate.shared():
+                error = await self._call(event, 1, state)
             if error is None:
                 self.stats.handled += 1
                 done = event.offset
@@ -359,16 +415,19 @@ class Consumer:
                 if await _sleep_unless(self._stop, delay):
                     return False
             attempts += 1
-            await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
-            error = await self._call(event, attempts, state)
-            if error is None:
-                await self._run_write(_groups.finish_event_plan(self.group, event, state))
-                self.stats.handled += 1
-                return True
-            self.stats.failed_attempts += 1
-            await self._run_write(
-                _groups.record_failure_plan(self.group, event, attempts, error, state)
-            )
+            # From the attempt's write to its outcome's, this handler runs alone (see
+            # _HandlerGate): a death meanwhile is this event's.
+            async with self._gate.exclusive():
+                await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
+                error = await self._call(event, attempts, state)
+                if error is None:
+                    await self._run_write(_groups.finish_event_plan(self.group, event, state))
+                    self.stats.handled += 1
+                    return True
+                self.stats.failed_attempts += 1
+                await self._run_write(
+                    _groups.record_failure_plan(self.group, event, attempts, error, state)
+                )
             log.warning("%s: %s[%d]@%d attempt %d failed: %s: %s", self.group, event.topic,
                         event.partition, event.offset, attempts, error[0], error[1])  # fmt: skip
 
