@@ -1,0 +1,143 @@
+"""Guarantees 3 and 4 across real processes: a member SIGKILLed between handling and commit
+redelivers and skips nothing; an event that kills its process is dead-lettered after
+max_attempts restarts while its batch neighbours are handled; a graceful stop (SIGTERM)
+commits what it handled and delivers nothing twice."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import eventlog
+
+from .conftest import (
+    attempt_rows,
+    calls,
+    deadletter_entries,
+    lane_row,
+    lock_is_free,
+    log_events,
+    position,
+    read_journal,
+    wait_until,
+)
+
+
+@pytest.mark.parametrize("api", ["async", "sync"])
+def test_sigkill_between_handling_and_commit_redelivers_and_skips_nothing(
+    db: Path, journal: Path, members, api: str
+) -> None:
+    with eventlog.open_sync(db) as log:
+        offsets = [log.append("t", {"n": i}) for i in range(10)]
+
+    first = members(db, journal, "--topic", "t", "--api", api, "--batch-size", "4",
+                    "--stall-after-batch")  # fmt: skip
+    first.wait_ready()
+    stalled = wait_until(lambda: calls(read_journal(journal), "stalled"), what="first batch")
+    assert stalled[0]["done"] == offsets[3]
+    # Handled, not committed: the batch is still marked in flight.
+    assert lane_row(db, "g", "t") == (0, offsets[0], offsets[3])
+    first.kill()
+
+    handled_before = {r["offset"] for r in calls(read_journal(journal), "end", pid=first.pid)}
+    assert handled_before == set(offsets[:4])
+
+    second = members(db, journal, "--topic", "t", "--api", api, "--batch-size", "4")
+    second.wait_ready()
+    wait_until(lambda: position(db, "g", "t") == offsets[-1], what="the rest handled")
+
+    records = read_journal(journal)
+    redelivered = [r["offset"] for r in calls(records, "start", pid=second.pid)]
+    # Everything handled but not committed comes again, in order, then the rest.
+    assert redelivered == offsets
+    stored = {row[0] for row in log_events(db, "t")}
+    ok = {r["offset"] for r in calls(records, "end", outcome="ok")}
+    assert stored <= ok, f"skipped: {sorted(stored - ok)}"
+    assert lane_row(db, "g", "t") == (offsets[-1], None, None)
+    assert attempt_rows(db) == []
+    assert deadletter_entries(db) == []
+
+
+def test_event_that_kills_its_process_is_dead_lettered_after_max_attempts_restarts(
+    db: Path, journal: Path, members
+) -> None:
+    max_attempts = 3
+    with eventlog.open_sync(db) as log:
+        # One batch: two innocent events, the poison one, two more innocent ones.
+        drafts = [eventlog.Draft("t", {"n": i}) for i in range(2)]
+        drafts.append(eventlog.Draft("t", {"n": 2, "do": "exit"}))
+        drafts += [eventlog.Draft("t", {"n": i}) for i in range(3, 5)]
+        offsets = log.append_many(drafts)
+    poison = offsets[2]
+
+    deaths = 0
+    for _ in range(max_attempts + 3):  # bounded restarts
+        member = members(db, journal, "--topic", "t", "--max-attempts", max_attempts)
+        wait_until(lambda m=member: not m.alive() or position(db, "g", "t") == offsets[-1],
+                   timeout=30, what="the member to die or finish")  # fmt: skip
+        if position(db, "g", "t") == offsets[-1]:
+            member.signal(signal.SIGTERM)
+            assert member.wait_exit() == 0, member.stderr
+            break
+        assert member.wait_exit() == 1, member.stderr
+        deaths += 1
+    else:
+        pytest.fail(f"not done after {deaths} deaths")
+
+    records = read_journal(journal)
+    assert deaths == max_attempts
+    assert len(calls(records, "start", offset=poison)) == max_attempts
+    entries = deadletter_entries(db)
+    assert [(e["offset"], e["attempts"], e["group"]) for e in entries] == [
+        (poison, max_attempts, "g")
+    ]
+    assert entries[0]["error_type"] == "ProcessDied"
+    assert entries[0]["payload"] == {"n": 2, "do": "exit"}
+    for neighbour in offsets[:2] + offsets[3:]:
+        assert calls(records, "end", offset=neighbour, outcome="ok"), neighbour
+    assert lane_row(db, "g", "t") == (offsets[-1], None, None)
+    assert attempt_rows(db) == []
+
+
+@pytest.mark.parametrize("api", ["async", "sync"])
+def test_sigterm_finishes_the_event_in_hand_commits_and_releases(
+    db: Path, journal: Path, members, api: str
+) -> None:
+    with eventlog.open_sync(db) as log:
+        offsets = log.append_many([
+            eventlog.Draft("t", {"n": 0}),
+            eventlog.Draft("t", {"n": 1, "do": "sleep", "seconds": 1.0}),
+            *[eventlog.Draft("t", {"n": i}) for i in range(2, 6)],
+        ])  # fmt: skip
+
+    first = members(db, journal, "--topic", "t", "--api", api)
+    first.wait_ready()
+    wait_until(lambda: calls(read_journal(journal), "start", offset=offsets[1]),
+               what="the slow event to start")  # fmt: skip
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0, first.stderr
+    first.wait_line("stopped")
+
+    records = read_journal(journal)
+    done_first = [r["offset"] for r in calls(records, "end", pid=first.pid)]
+    assert offsets[1] in done_first, "the event in hand was not finished"
+    assert [r["offset"] for r in calls(records, "start", pid=first.pid)] == done_first
+    # Committed exactly what it handled; locks released, member file gone.
+    assert position(db, "g", "t") == max(done_first)
+    assert lane_row(db, "g", "t")[1:] == (None, None)
+    group_dir = db.with_name(db.name + ".d") / "groups" / "g"
+    assert lock_is_free(group_dir / "lanes" / "t~0.lock")
+    assert [p for p in (group_dir / "members").iterdir() if p.suffix == ".lock"] == []
+
+    second = members(db, journal, "--topic", "t", "--api", api)
+    second.wait_ready()
+    wait_until(lambda: position(db, "g", "t") == offsets[-1], what="the rest handled")
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit() == 0, second.stderr
+
+    records = read_journal(journal)
+    again = [r["offset"] for r in calls(records, "start", pid=second.pid)]
+    assert not set(again) & set(done_first), "delivered twice after a graceful stop"
+    assert sorted(done_first + again) == offsets
