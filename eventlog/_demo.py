@@ -12,6 +12,8 @@ Run it with `python -m eventlog._demo [--dir D] [--quick]` or `eventlog demo`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import IO, Any, TypeVar
 
 import eventlog
 
-from . import _core, _sql
+from . import _core, _groups, _sql
 from ._demo_worker import POISON_AMOUNT, TOPIC
 from ._sync import SyncLog
 
@@ -60,8 +62,14 @@ class Scenario:
 
 
 NORMAL = Scenario()
-QUICK = Scenario(per_producer=200, append_batch=10, append_pause=0.04, billing_work_ms=4.0,
-                 budget_s=28.0, wait_s=15.0)  # fmt: skip
+QUICK = Scenario(
+    per_producer=200,
+    append_batch=10,
+    append_pause=0.04,
+    billing_work_ms=4.0,
+    budget_s=28.0,
+    wait_s=15.0,
+)
 
 
 class DemoFailure(Exception):
@@ -141,6 +149,11 @@ def read_journals(paths: Iterable[Path]) -> Deliveries:
     return found
 
 
+def flags(**options: object) -> list[str]:
+    """--name value pairs for a worker's command line."""
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def lanes_text(partitions: Sequence[int]) -> str:
     return ", ".join(f"{TOPIC}[{p}]" for p in sorted(partitions)) or "nothing"
 
@@ -156,7 +169,6 @@ class Demo:
         self.children: list[Child] = []
         self.checks: list[Check] = []
         self.log: SyncLog | None = None
-        self.names: dict[int, str] = {}
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -179,19 +191,23 @@ class Demo:
                 return result
             if time.monotonic() >= end:
                 budget = " (the demo's time budget ran out)" if end == self.deadline else ""
-                raise DemoFailure(f"gave up after {time.monotonic() - start:.1f}s waiting for "
-                                  f"{what}{budget}")
+                raise DemoFailure(
+                    f"gave up after {time.monotonic() - start:.1f}s waiting for {what}{budget}"
+                )
             time.sleep(POLL_S)
 
     def check_children(self) -> None:
         """A consumer that exits on its own (not killed or stopped by us) fails the demo."""
         for child in self.children:
             if child.consumer and not child.stopping and child.proc.poll() is not None:
-                raise DemoFailure(f"{child.name} (pid {child.pid}) exited with code "
-                                  f"{child.proc.returncode}; see {child.log_file.name}")
+                raise DemoFailure(
+                    f"{child.name} (pid {child.pid}) exited with code "
+                    f"{child.proc.returncode}; see {child.log_file.name}"
+                )
 
-    def spawn(self, name: str, args: list[str], *, journal: Path | None = None,
-              capture: bool = False) -> Child:  # fmt: skip
+    def spawn(
+        self, name: str, args: list[str], *, journal: Path | None = None, capture: bool = False
+    ) -> Child:
         log_file = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
         env = dict(os.environ)
         # The children import this very eventlog, installed or not.
@@ -206,17 +222,24 @@ class Demo:
         )
         child = Child(name, proc, log_file, journal, consumer=args[0] == "consumer")
         self.children.append(child)
-        self.names[proc.pid] = name
         return child
 
     def spawn_consumer(self, group: str, name: str) -> Child:
         journal = self.folder / f"journal-{name}.jsonl"
         work = self.s.billing_work_ms if group == "billing" else 0.0
-        return self.spawn(name, [
-            "consumer", "--db", str(self.db), "--group", group, "--journal", str(journal),
-            "--work-ms", str(work), "--batch-size", str(self.s.batch_size),
-            "--max-attempts", str(self.s.max_attempts),
-        ], journal=journal)  # fmt: skip
+        args = flags(
+            db=self.db,
+            group=group,
+            journal=journal,
+            work_ms=work,
+            batch_size=self.s.batch_size,
+            max_attempts=self.s.max_attempts,
+        )
+        return self.spawn(
+            name,
+            ["consumer", *args],
+            journal=journal,
+        )
 
     def wait_exit(self, child: Child, limit: float) -> int | None:
         try:
@@ -230,40 +253,45 @@ class Demo:
             if child.proc.poll() is None:
                 child.proc.kill()
         for child in self.children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
             if child.proc.stdout is not None:
                 child.proc.stdout.close()
             child.log_file.close()
 
     # -- looking at the group -----------------------------------------------------------------
 
-    def owners(self, group: str) -> tuple[int, dict[int, list[int]]]:
-        """(live members, {pid: partitions}) from the members' heartbeats."""
+    def owners(self, group: str) -> tuple[int, dict[str, tuple[int, list[int]]]]:
+        """(live members, {member id: (pid, partitions)}) from the members' heartbeats."""
         assert self.log is not None
         live = [m for m in self.log.group_members(group) if m.alive]
-        found: dict[int, list[int]] = {}
+        found: dict[str, tuple[int, list[int]]] = {}
         for member in live:
             note = member.heartbeat or {}
             if "pid" in note:
-                found[int(note["pid"])] = sorted(int(p) for t, p in note.get("lanes", [])
-                                                 if t == TOPIC)  # fmt: skip
+                found[member.member_id] = (
+                    int(note["pid"]),
+                    sorted(int(p) for t, p in note.get("lanes", []) if t == TOPIC),
+                )
         return len(live), found
 
     def settled(self, group: str, members: int) -> dict[int, list[int]] | None:
-        """The owners once `members` live members hold every partition exactly once."""
+        """{pid: partitions} once `members` live members each hold exactly their share (the
+        deterministic split every member computes), else None: a rebalance is under way."""
         count, found = self.owners(group)
         if count != members or len(found) != members:
             return None
-        owned = sorted(p for lanes in found.values() for p in lanes)
-        if owned != list(range(self.s.partitions)) or not all(found.values()):
-            return None
-        return found
+        lanes = [(TOPIC, p) for p in range(self.s.partitions)]
+        for member_id, (_, owned) in found.items():
+            share = _groups.assign(lanes, list(found), member_id)
+            if owned != sorted(p for _, p in share):
+                return None
+        return {pid: owned for pid, owned in found.values()}
 
     def owners_text(self, found: dict[int, list[int]]) -> str:
-        return "; ".join(f"pid {pid} has {lanes_text(lanes)}" for pid, lanes in sorted(found.items()))
+        return "; ".join(
+            f"pid {pid} has {lanes_text(lanes)}" for pid, lanes in sorted(found.items())
+        )
 
     def lag(self, group: str) -> int | None:
         """Events of the topic after the group's positions (None until it has every lane)."""
@@ -272,6 +300,13 @@ class Demo:
         if len(lanes) != self.s.partitions:
             return None
         return sum(p.lag for p in lanes)
+
+    def handled(self, group: str) -> int:
+        """Distinct events the group's handlers finished, from the journals."""
+        return len(read_journals(self.journals(group)).ok_counts)
+
+    def drained(self, group: str) -> bool:
+        return self.lag(group) == 0
 
     def journals(self, prefix: str) -> list[Path]:
         return sorted(self.folder.glob(f"journal-{prefix}*.jsonl"))
@@ -286,55 +321,80 @@ class Demo:
         self.say(f"created topic {TOPIC!r} with {s.partitions} partitions in {self.db.name}")
 
         # 1. Two consumer groups, before any event exists.
-        billing = [self.spawn_consumer("billing", f"billing-{i + 1}")
-                   for i in range(s.billing_members)]  # fmt: skip
+        billing = [
+            self.spawn_consumer("billing", f"billing-{i + 1}") for i in range(s.billing_members)
+        ]
         audit = self.spawn_consumer("audit", "audit-1")
-        self.say(f"started group 'billing' ({s.billing_members} processes: pids "
-                 f"{', '.join(str(c.pid) for c in billing)}) and group 'audit' (1 process: "
-                 f"pid {audit.pid})")  # fmt: skip
-        found = self.wait_until("billing to share the partitions",
-                                lambda: self.settled("billing", s.billing_members))  # fmt: skip
+        self.say(
+            f"started group 'billing' ({s.billing_members} processes: pids "
+            f"{', '.join(str(c.pid) for c in billing)}) and group 'audit' (1 process: "
+            f"pid {audit.pid})"
+        )
+        found = self.wait_until(
+            "billing to share the partitions", lambda: self.settled("billing", s.billing_members)
+        )
         self.wait_until("audit to take the partitions", lambda: self.settled("audit", 1))
         self.say(f"billing split the partitions by flock: {self.owners_text(found)}")
 
         # 2. Producers, one of them with a poison event.
         poison_producer = 2 if s.producers >= 2 else 1
+
+        def poison_at(producer: int) -> int:
+            return s.per_producer // 2 if producer == poison_producer else -1
+
         producers = [
-            self.spawn(f"producer-{i}", [
-                "producer", "--db", str(self.db), "--id", str(i), "--count", str(s.per_producer),
-                "--batch", str(s.append_batch), "--pause", str(s.append_pause),
-                "--poison-at", str(s.per_producer // 2 if i == poison_producer else -1),
-            ], capture=True)  # fmt: skip
+            self.spawn(
+                f"producer-{i}",
+                [
+                    "producer",
+                    *flags(
+                        db=self.db,
+                        id=i,
+                        count=s.per_producer,
+                        batch=s.append_batch,
+                        pause=s.append_pause,
+                        poison_at=poison_at(i),
+                    ),
+                ],
+                capture=True,
+            )
             for i in range(1, s.producers + 1)
         ]
-        self.say(f"started {s.producers} producers (pids {', '.join(str(p.pid) for p in producers)})"
-                 f": {s.total:,} orders keyed by customer; order p{poison_producer}-"
-                 f"{s.per_producer // 2:04d} is poison (amount {POISON_AMOUNT!r})")  # fmt: skip
+        self.say(
+            f"started {s.producers} producers (pids {', '.join(str(p.pid) for p in producers)})"
+            f": {s.total:,} orders keyed by customer; order p{poison_producer}-"
+            f"{s.per_producer // 2:04d} is poison (amount {POISON_AMOUNT!r})"
+        )
 
         # 3. Kill -9 one billing member midway and watch its partitions move.
         victim = billing[1 % len(billing)]
         threshold = int(s.total * s.kill_after)
         handled = self.wait_until(
             f"billing to handle {threshold} events",
-            lambda: (n := len(read_journals(self.journals("billing")).ok_counts)) >= threshold
-            and n,
+            lambda: (n := self.handled("billing")) >= threshold and n,
         )
-        _, now = self.owners("billing")
+        now = self.settled("billing", s.billing_members) or {}
         victim_lanes = now.get(victim.pid, [])
         victim.stopping = True
         victim.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         victim.proc.wait(timeout=5)
-        self.say(f"SIGKILL billing consumer pid {victim.pid} (owned {lanes_text(victim_lanes)}) "
-                 f"with {handled:,} of {s.total:,} events handled by billing")  # fmt: skip
+        self.say(
+            f"SIGKILL billing consumer pid {victim.pid} (owned {lanes_text(victim_lanes)}) "
+            f"with {handled:,} of {s.total:,} events handled by billing"
+        )
         survivors = s.billing_members - 1
         after = self.wait_until(
             "the killed member's partitions to move",
             lambda: self.settled("billing", survivors) if survivors else None,
         )
         failover = time.monotonic() - killed_at
-        moved = ", ".join(f"{TOPIC}[{p}] -> pid {pid}" for pid, lanes in sorted(after.items())
-                          for p in lanes if p in victim_lanes)  # fmt: skip
+        moved = ", ".join(
+            f"{TOPIC}[{p}] -> pid {pid}"
+            for pid, lanes in sorted(after.items())
+            for p in lanes
+            if p in victim_lanes
+        )
         self.say(f"failover in {failover:.2f}s: {moved}")
         self.say(f"billing now: {self.owners_text(after)}")
 
@@ -354,49 +414,63 @@ class Demo:
                 poison_offset = int(result["poison_offset"])
         in_log = [e.offset for e in self.log.read(TOPIC)]
         all_offsets = set(in_log)
-        self.say(f"producers done: {appended:,} events appended, the log holds {len(in_log):,} "
-                 f"(poison at offset {poison_offset})")  # fmt: skip
-        self.check("appended", f"{len(in_log):,}", f"{s.total:,} ({s.producers} producers)",
-                   not bad_producers and appended == s.total == len(in_log))  # fmt: skip
+        self.say(
+            f"producers done: {appended:,} events appended, the log holds {len(in_log):,} "
+            f"(poison at offset {poison_offset})"
+        )
+        self.check(
+            "appended",
+            f"{len(in_log):,}",
+            f"{s.total:,} ({s.producers} producers)",
+            not bad_producers and appended == s.total == len(in_log),
+        )
         if bad_producers:
             raise DemoFailure("producers failed: " + ", ".join(bad_producers))
 
         lags: dict[str, int | None] = {}
         for group in ("audit", "billing"):
-            self.wait_until(f"group {group} to drain", lambda g=group: self.lag(g) == 0)
+            self.wait_until(f"group {group} to drain", functools.partial(self.drained, group))
             lags[group] = self.lag(group)
             self.say(f"group {group!r} caught up: lag 0 on all {s.partitions} partitions")
 
         got_billing = read_journals(self.journals("billing-"))
         if got_billing.duplicates:
-            self.say(f"billing handled {got_billing.duplicates} events twice, all in "
-                     f"{lanes_text(sorted(got_billing.duplicate_partitions()))}: pid {victim.pid} "
-                     f"had handled them but died before committing (at least once)")  # fmt: skip
+            self.say(
+                f"billing handled {got_billing.duplicates} events twice, all in "
+                f"{lanes_text(sorted(got_billing.duplicate_partitions()))}: pid {victim.pid} "
+                f"had handled them but died before committing (at least once)"
+            )
         else:
             self.say(f"billing handled no event twice: pid {victim.pid} died between batches")
 
         listing = self.log.dead_letters()
         self.say(f"{self.log.paths.deadletter.name} holds {len(listing.entries)} dead letters:")
         for entry in listing.entries:
-            self.say(f"  id {entry.id}: group {entry.group!r}, {entry.topic}"
-                     f"[{entry.partition}]@{entry.offset} after {entry.attempts} attempts: "
-                     f"{entry.error_type}: {entry.error_message}")  # fmt: skip
+            self.say(
+                f"  id {entry.id}: group {entry.group!r}, {entry.topic}"
+                f"[{entry.partition}]@{entry.offset} after {entry.attempts} attempts: "
+                f"{entry.error_type}: {entry.error_message}"
+            )
         dead = {g: [e for e in listing.entries if e.group == g] for g in ("billing", "audit")}
 
         # 5. Stop the consumers gracefully.
-        running = [c for c in billing + [audit] if c is not victim]
+        running = [c for c in [*billing, audit] if c is not victim]
         for child in running:
             child.stopping = True
             child.proc.send_signal(signal.SIGTERM)
         codes = [self.wait_exit(c, 10.0) for c in running]
         clean = sum(1 for code in codes if code == 0)
-        self.say(f"SIGTERM to {len(running)} consumers: {clean} exited 0"
-                 + ("" if clean == len(running) else f" (codes {codes})"))
+        self.say(
+            f"SIGTERM to {len(running)} consumers: {clean} exited 0"
+            + ("" if clean == len(running) else f" (codes {codes})")
+        )
 
         # 6. Replay audit from earliest with one fresh process.
         reset = self.reset_to_earliest("audit")
-        self.say(f"replay: moved group 'audit' back to earliest on {reset} partitions "
-                 f"(lag now {self.lag('audit'):,})")  # fmt: skip
+        self.say(
+            f"replay: moved group 'audit' back to earliest on {reset} partitions "
+            f"(lag now {self.lag('audit'):,})"
+        )
         replay = self.spawn_consumer("audit", "audit-replay")
         started = time.monotonic()
         self.wait_until("the audit replay to drain", lambda: self.lag("audit") == 0)
@@ -405,43 +479,80 @@ class Demo:
         code = self.wait_exit(replay, 10.0)
         clean += code == 0
         replayed = read_journals([replay.journal] if replay.journal else [])
-        self.say(f"audit replay (pid {replay.pid}) re-delivered {len(replayed.offsets):,} events "
-                 f"in {time.monotonic() - started:.2f}s, exit {code}")  # fmt: skip
-        dead_again = [e for e in self.log.dead_letters(group="audit").entries
-                      if e not in dead["audit"]]  # fmt: skip
+        self.say(
+            f"audit replay (pid {replay.pid}) re-delivered {len(replayed.offsets):,} events "
+            f"in {time.monotonic() - started:.2f}s, exit {code}"
+        )
+        dead_again = [
+            e for e in self.log.dead_letters(group="audit").entries if e not in dead["audit"]
+        ]
 
         # 7. The table's checks, from the journals.
         for group in ("billing", "audit"):
-            got = read_journals(self.journals(group + "-") if group == "billing"
-                                else [audit.journal] if audit.journal else [])  # fmt: skip
+            got = read_journals(
+                self.journals(group + "-")
+                if group == "billing"
+                else [audit.journal]
+                if audit.journal
+                else []
+            )
             missing = len(all_offsets - got.offsets)
-            self.check(f"delivered, {group}", f"{len(got.offsets & all_offsets):,}",
-                       f"{len(all_offsets):,} (all)", missing == 0 and not got.torn)
+            self.check(
+                f"delivered, {group}",
+                f"{len(got.offsets & all_offsets):,}",
+                f"{len(all_offsets):,} (all)",
+                missing == 0 and not got.torn,
+            )
         bound = s.batch_size * len(victim_lanes)
-        self.check("duplicates, billing", got_billing.duplicates,
-                   f"<= {bound}, only in {lanes_text(victim_lanes)}",
-                   got_billing.duplicates <= bound
-                   and got_billing.duplicate_partitions() <= set(victim_lanes))  # fmt: skip
+        self.check(
+            "duplicates, billing",
+            got_billing.duplicates,
+            f"<= {bound}, only in {lanes_text(victim_lanes)}",
+            got_billing.duplicates <= bound
+            and got_billing.duplicate_partitions() <= set(victim_lanes),
+        )
         got_audit = read_journals([audit.journal] if audit.journal else [])
         self.check("duplicates, audit", got_audit.duplicates, "0", got_audit.duplicates == 0)
         for group in ("billing", "audit"):
             entries = dead[group]
-            self.check(f"dead-lettered, {group}", len(entries),
-                       f"1 (the poison, offset {poison_offset})",
-                       len(entries) == 1 and entries[0].offset == poison_offset)  # fmt: skip
+            self.check(
+                f"dead-lettered, {group}",
+                len(entries),
+                f"1 (the poison, offset {poison_offset})",
+                len(entries) == 1 and entries[0].offset == poison_offset,
+            )
         for group in ("billing", "audit"):
             self.check(f"lag, {group}", lags[group], "0", lags[group] == 0)
-        self.check("failover after kill -9", f"{failover:.2f}s", f"<= {s.failover_max_s:.0f}s, "
-                   f"{len(victim_lanes)} partitions moved",
-                   failover <= s.failover_max_s and bool(victim_lanes))  # fmt: skip
-        self.check("order per partition, audit", "kept" if got_audit.in_order() else "broken",
-                   "kept", got_audit.in_order() and replayed.in_order())
-        self.check("consumers exited 0 on SIGTERM", f"{clean}/{len(running) + 1}",
-                   f"{len(running) + 1}/{len(running) + 1}", clean == len(running) + 1)
-        self.check("audit replay, re-delivered", f"{len(replayed.offsets & all_offsets):,}",
-                   f"{len(all_offsets):,} (all)", replayed.offsets >= all_offsets)
-        self.check("audit replay, dead-lettered again", len(dead_again), "1 (the poison)",
-                   len(dead_again) == 1 and dead_again[0].offset == poison_offset)
+        self.check(
+            "failover after kill -9",
+            f"{failover:.2f}s",
+            f"<= {s.failover_max_s:.0f}s, {len(victim_lanes)} partitions moved",
+            failover <= s.failover_max_s and bool(victim_lanes),
+        )
+        self.check(
+            "order per partition, audit",
+            "kept" if got_audit.in_order() else "broken",
+            "kept",
+            got_audit.in_order() and replayed.in_order(),
+        )
+        self.check(
+            "consumers exited 0 on SIGTERM",
+            f"{clean}/{len(running) + 1}",
+            f"{len(running) + 1}/{len(running) + 1}",
+            clean == len(running) + 1,
+        )
+        self.check(
+            "audit replay, re-delivered",
+            f"{len(replayed.offsets & all_offsets):,}",
+            f"{len(all_offsets):,} (all)",
+            replayed.offsets >= all_offsets,
+        )
+        self.check(
+            "audit replay, dead-lettered again",
+            len(dead_again),
+            "1 (the poison)",
+            len(dead_again) == 1 and dead_again[0].offset == poison_offset,
+        )
 
     def reset_to_earliest(self, group: str) -> int:
         """Move every partition of the group back to the start; refuses with live members."""
@@ -468,14 +579,22 @@ class Demo:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         self.out.write("\n")
         for i, row in enumerate(rows):
-            cells = [row[j].ljust(widths[j]) if j == 0 else row[j].rjust(widths[j]) if j == 1
-                     else row[j].ljust(widths[j]) for j in range(3)]  # fmt: skip
+            cells = [
+                row[j].ljust(widths[j])
+                if j == 0
+                else row[j].rjust(widths[j])
+                if j == 1
+                else row[j].ljust(widths[j])
+                for j in range(3)
+            ]
             self.out.write(("  " + "  ".join(cells) + "  " + row[3]).rstrip() + "\n")
             if i == 0:
                 self.out.write("  " + "  ".join("-" * w for w in widths) + "  ------\n")
         passed = bool(self.checks) and all(c.ok for c in self.checks)
-        self.out.write(f"\n{'all checks hold' if passed else 'SOME CHECKS FAILED'} "
-                       f"({time.monotonic() - self.t0:.1f}s)\n")  # fmt: skip
+        self.out.write(
+            f"\n{'all checks hold' if passed else 'SOME CHECKS FAILED'} "
+            f"({time.monotonic() - self.t0:.1f}s)\n"
+        )
         self.out.flush()
         return passed
 
@@ -502,7 +621,7 @@ def run_demo(directory: Path | None, *, quick: bool = False, out: IO[str] | None
         except DemoFailure as exc:
             demo.say(f"FAILED: {exc}")
             demo.check("every step finished", "no", "yes", False)
-        except Exception as exc:  # noqa: BLE001 - the demo reports, then exits 1
+        except Exception as exc:  # the demo reports it, then exits 1
             demo.say(f"FAILED: {type(exc).__name__}: {exc}")
             demo.check("every step finished", "no", "yes", False)
         finally:
@@ -522,10 +641,15 @@ def run_demo(directory: Path | None, *, quick: bool = False, out: IO[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eventlog._demo", description=__doc__.split(
-        "\n")[0])  # fmt: skip
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="run in this folder and keep it (default: a temporary folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m eventlog._demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="run in this folder and keep it (default: a temporary folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller, faster scenario")
     args = parser.parse_args(argv)
     return run_demo(args.dir, quick=args.quick)

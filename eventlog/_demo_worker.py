@@ -63,8 +63,10 @@ class Journal:
         self._lock = threading.Lock()  # handlers of different partitions run in threads
 
     def record(self, event: eventlog.Event, result: str) -> None:
-        line = json.dumps({"o": event.offset, "p": event.partition, "k": event.key,
-                           "r": result, "pid": self.pid}, separators=(",", ":"))  # fmt: skip
+        line = json.dumps(
+            {"o": event.offset, "p": event.partition, "k": event.key, "r": result, "pid": self.pid},
+            separators=(",", ":"),
+        )
         with self._lock:
             os.write(self.fd, line.encode() + b"\n")
             os.fsync(self.fd)
@@ -90,13 +92,21 @@ async def consume(args: argparse.Namespace) -> int:
     try:
         async with eventlog.open(args.db) as log:
             consumer = log.consumer(
-                args.group, TOPIC, handle, batch_size=args.batch_size,
-                max_attempts=args.max_attempts, retry_backoff=0.05, max_backoff=0.2,
-            )  # fmt: skip
+                args.group,
+                TOPIC,
+                handle,
+                batch_size=args.batch_size,
+                max_attempts=args.max_attempts,
+                retry_backoff=0.05,
+                max_backoff=0.2,
+            )
             await consumer.run()  # until SIGTERM: finishes the event in hand and commits
             s = consumer.stats
-            print(f"pid {os.getpid()} {args.group}: handled {s.handled}, failed attempts "
-                  f"{s.failed_attempts}, dead-lettered {s.dead_lettered}", flush=True)  # fmt: skip
+            print(
+                f"pid {os.getpid()} {args.group}: handled {s.handled}, failed attempts "
+                f"{s.failed_attempts}, dead-lettered {s.dead_lettered}",
+                flush=True,
+            )
     finally:
         journal.close()
     return 0

@@ -23,13 +23,19 @@ except ImportError:  # run from a checkout without installing
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="eventlog demo: real processes, a kill -9, "
-                                     "a poison event, a replay")  # fmt: skip
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="run in this folder and keep it (default: a temporary folder, "
-                        "removed when every check holds)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller scenario (600 events instead of 3,000)")
+    parser = argparse.ArgumentParser(
+        description="eventlog demo: real processes, a kill -9, a poison event, a replay"
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="run in this folder and keep it (default: a temporary folder, "
+        "removed when every check holds)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smaller scenario (600 events instead of 3,000)"
+    )
     args = parser.parse_args()
     return run_demo(args.dir, quick=args.quick)
 

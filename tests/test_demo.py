@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 def test_quick_demo_passes_every_check(tmp_path: Path) -> None:
@@ -26,9 +27,17 @@ def test_quick_demo_passes_every_check(tmp_path: Path) -> None:
     assert "failover in" in out
     assert "could not convert string to float: '12,50'" in out
     assert "re-delivered 600 events" in out
-    for row in ("appended", "delivered, billing", "delivered, audit", "duplicates, billing",
-                "dead-lettered, billing", "dead-lettered, audit", "lag, billing", "lag, audit",
-                "audit replay, re-delivered"):  # fmt: skip
+    for row in (
+        "appended",
+        "delivered, billing",
+        "delivered, audit",
+        "duplicates, billing",
+        "dead-lettered, billing",
+        "dead-lettered, audit",
+        "lag, billing",
+        "lag, audit",
+        "audit replay, re-delivered",
+    ):
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(row)), None)
         assert line is not None, f"no {row!r} row in the table:\n{out}"
         assert line.rstrip().endswith(" ok"), line
@@ -38,9 +47,12 @@ def test_quick_demo_passes_every_check(tmp_path: Path) -> None:
     assert (demo / "demo.db").exists()
     assert (demo / "demo.db.deadletter.jsonl").read_text().count("\n") == 3
     assert sorted(p.name for p in demo.glob("journal-*.jsonl")) == [
-        "journal-audit-1.jsonl", "journal-audit-replay.jsonl", "journal-billing-1.jsonl",
-        "journal-billing-2.jsonl", "journal-billing-3.jsonl",
-    ]  # fmt: skip
+        "journal-audit-1.jsonl",
+        "journal-audit-replay.jsonl",
+        "journal-billing-1.jsonl",
+        "journal-billing-2.jsonl",
+        "journal-billing-3.jsonl",
+    ]
 
 
 def test_demo_refuses_a_folder_that_holds_a_demo(tmp_path: Path) -> None:
