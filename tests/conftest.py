@@ -163,6 +163,8 @@ class SyncProxy:
                 bridge.cancel()
 
     async def close(self) -> None:
+        if self._executor._shutdown:  # closed already, like AsyncLog.close, safe twice
+            return
         for it in list(self._iterators):
             await it.aclose()
         try:

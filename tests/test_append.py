@@ -1,0 +1,386 @@
+"""Appending: offsets (guarantee 2), group commit, dedupe keys, partitioning, durability
+settings, and exact JSON round trips. Every test runs on both shells (the `log` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import stat
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eventlog
+from conftest import dump, events_by_offset, integrity, raw, wait_until
+
+
+async def test_appends_return_strictly_increasing_offsets(log: Any, db_path: Path) -> None:
+    offsets = [await log.append("t", {"i": i}) for i in range(20)]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 20
+    assert await log.head() == offsets[-1]
+    stored = events_by_offset(db_path)
+    assert {o: stored[o][3] for o in offsets} == {o: {"i": i} for i, o in enumerate(offsets)}
+
+
+async def test_offsets_grow_across_topics(log: Any) -> None:
+    a = await log.append("a", 1)
+    b = await log.append("b", 2)
+    c = await log.append("a", 3)
+    assert a < b < c
+
+
+async def test_offsets_not_reused_after_topic_emptied(log: Any, db_path: Path) -> None:
+    await log.append_many([eventlog.Draft("a", i) for i in range(5)])
+    last_b = await log.append("b", "keep")
+    with raw(db_path) as conn:
+        conn.execute("DELETE FROM eventlog_events WHERE topic = 'a'")
+    again = await log.append("a", "again")
+    assert again > last_b
+    assert await log.head() == again
+
+
+async def test_offsets_not_reused_after_table_emptied(open_log: Any, db_path: Path) -> None:
+    log = await open_log()
+    offsets = await log.append_many([eventlog.Draft("a", i) for i in range(5)])
+    await log.close()
+    with raw(db_path) as conn:
+        conn.execute("DELETE FROM eventlog_events")
+        conn.execute("VACUUM")
+    log = await open_log()  # a fresh process would know nothing but the file
+    assert await log.head() == offsets[-1]
+    again = await log.append("a", "again")
+    assert again > offsets[-1]
+    # the same with the open log, the table emptied under it
+    with raw(db_path) as conn:
+        conn.execute("DELETE FROM eventlog_events")
+    assert await log.append("b", "once more") > again
+
+
+async def test_concurrent_appends_get_distinct_offsets_and_their_own_payloads(
+    log: Any, db_path: Path
+) -> None:
+    # Group commit: 1,000 callers at once; each must get its own event's offset.
+    payloads = [{"caller": i, "text": f"payload {i}"} for i in range(1000)]
+    offsets = await asyncio.gather(*(log.append("t", p, key=str(i)) for i, p in enumerate(payloads)))
+    assert len(set(offsets)) == 1000
+    stored = events_by_offset(db_path)
+    assert len(stored) == 1000
+    for i, offset in enumerate(offsets):
+        assert stored[offset][3] == payloads[i]
+        assert stored[offset][2] == str(i)
+
+
+async def test_concurrent_append_many_batches_stay_contiguous_and_ordered(
+    log: Any, db_path: Path
+) -> None:
+    batches = [[eventlog.Draft("t", {"b": b, "j": j}) for j in range(7)] for b in range(50)]
+    results = await asyncio.gather(*(log.append_many(batch) for batch in batches))
+    stored = events_by_offset(db_path)
+    for b, offsets in enumerate(results):
+        assert offsets == list(range(offsets[0], offsets[0] + 7)), "a batch was interleaved"
+        assert [stored[o][3] for o in offsets] == [{"b": b, "j": j} for j in range(7)]
+
+
+async def test_append_many_of_nothing_writes_nothing(log: Any, db_path: Path) -> None:
+    before = dump(db_path)
+    assert await log.append_many([]) == []
+    assert dump(db_path) == before
+
+
+async def test_topic_counters_follow_appends(log: Any) -> None:
+    await log.append_many([eventlog.Draft("a", i) for i in range(3)])
+    last = await log.append("a", 3)
+    await log.append("b", 0)
+    info = {t.name: t for t in await log.topics()}
+    assert info["a"].events == 4
+    assert info["a"].last_offset == last
+    assert info["a"].first_offset == 1
+    assert info["b"].events == 1
+
+
+async def test_event_fields_round_trip(log: Any) -> None:
+    before_ms = eventlog_now_ms()
+    offset = await log.append(
+        "orders.eu", {"id": 7}, key="customer-1", headers={"trace": "abc", "ü": "ö"}
+    )
+    after_ms = eventlog_now_ms()
+    event = await log.get(offset)
+    assert event.offset == offset
+    assert event.topic == "orders.eu"
+    assert event.key == "customer-1"
+    assert event.payload == {"id": 7}
+    assert dict(event.headers) == {"trace": "abc", "ü": "ö"}
+    assert before_ms <= event.timestamp_ms <= after_ms
+    assert event.to_dict()["headers"] == {"trace": "abc", "ü": "ö"}
+    assert await log.get(offset + 1000) is None
+
+
+def eventlog_now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+# -- dedupe keys -------------------------------------------------------------------------------
+
+
+async def test_retried_append_with_same_dedupe_key_returns_first_offset(
+    log: Any, db_path: Path
+) -> None:
+    first = await log.append("payments", {"amount": 5}, dedupe_key="pay-1")
+    await log.append("payments", {"amount": 6})
+    retry = await log.append("payments", {"amount": 5}, dedupe_key="pay-1")
+    assert retry == first
+    with raw(db_path) as conn:
+        rows = conn.execute("SELECT id FROM eventlog_events WHERE dedupe_key = 'pay-1'").fetchall()
+    assert rows == [(first,)]
+    info = {t.name: t for t in await log.topics()}
+    assert info["payments"].events == 2
+
+
+async def test_dedupe_key_within_one_batch_stores_one_row(log: Any, db_path: Path) -> None:
+    offsets = await log.append_many([
+        eventlog.Draft("p", "a", dedupe_key="k1"),
+        eventlog.Draft("p", "b"),
+        eventlog.Draft("p", "a again", dedupe_key="k1"),
+        eventlog.Draft("p", "c", dedupe_key="k2"),
+    ])  # fmt: skip
+    assert offsets[0] == offsets[2]
+    assert len(set(offsets)) == 3
+    stored = events_by_offset(db_path)
+    assert len(stored) == 3
+    assert stored[offsets[0]][3] == "a"
+
+
+async def test_concurrent_appends_with_one_dedupe_key_share_one_offset(
+    log: Any, db_path: Path
+) -> None:
+    offsets = await asyncio.gather(*(log.append("p", i, dedupe_key="same") for i in range(50)))
+    assert len(set(offsets)) == 1
+    assert len(events_by_offset(db_path)) == 1
+
+
+async def test_dedupe_keys_are_per_topic(log: Any) -> None:
+    a = await log.append("a", 1, dedupe_key="k")
+    b = await log.append("b", 1, dedupe_key="k")
+    assert a != b
+
+
+async def test_dedupe_key_survives_reopen(open_log: Any, db_path: Path) -> None:
+    log = await open_log()
+    first = await log.append("p", 1, dedupe_key="k")
+    await log.close()
+    log = await open_log()
+    assert await log.append("p", 1, dedupe_key="k") == first
+
+
+# -- partitions --------------------------------------------------------------------------------
+
+
+def partitions_of(db_path: Path, topic: str) -> dict[str | None, set[int]]:
+    with raw(db_path) as conn:
+        rows = conn.execute(
+            "SELECT key, partition FROM eventlog_events WHERE topic = ?", (topic,)
+        ).fetchall()
+    out: dict[str | None, set[int]] = {}
+    for key, partition in rows:
+        out.setdefault(key, set()).add(partition)
+    return out
+
+
+async def test_same_key_always_lands_in_same_partition(open_log: Any, db_path: Path) -> None:
+    log = await open_log()
+    assert await log.create_topic("orders", 8) is True
+    keys = [f"customer-{i}" for i in range(40)]
+    for _ in range(3):
+        await log.append_many([eventlog.Draft("orders", k, key=k) for k in keys])
+    # another log instance (no shared cache) agrees
+    other = await open_log()
+    for k in keys:
+        await other.append("orders", k, key=k)
+    by_key = partitions_of(db_path, "orders")
+    assert all(len(parts) == 1 for parts in by_key.values()), by_key
+    assert len({p for parts in by_key.values() for p in parts}) > 1, "keys were not spread"
+
+
+async def test_partition_of_a_key_is_crc32_modulo_partitions(log: Any, db_path: Path) -> None:
+    # Pinned: changing the hash would move keys between partitions across an upgrade and
+    # break per-key order for events already in the log.
+    await log.create_topic("orders", 7)
+    for key in ["a", "customer-42", "ü-ñ", "x" * 300]:
+        offset = await log.append("orders", 0, key=key)
+        event = await log.get(offset)
+        assert event.partition == zlib.crc32(key.encode()) % 7
+
+
+async def test_same_key_same_partition_across_processes(log: Any, db_path: Path, spawn) -> None:
+    await log.create_topic("orders", 16)
+    keys = [f"k{i}" for i in range(30)]
+    mine = {k: (await log.get(await log.append("orders", 0, key=k))).partition for k in keys}
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    child = spawn(db_path, "serve", env=env)
+    child.wait_ready()
+    theirs = {
+        k: child.request({"op": "append", "topic": "orders", "payload": 1, "key": k})["partition"]
+        for k in keys
+    }
+    child.send({"op": "exit"})
+    assert child.finish() == 0
+    assert mine == theirs
+
+
+async def test_keyless_events_spread_across_partitions(log: Any, db_path: Path) -> None:
+    await log.create_topic("clicks", 4)
+    await log.append_many([eventlog.Draft("clicks", i) for i in range(40)])
+    for i in range(40):
+        await log.append("clicks", i)
+    with raw(db_path) as conn:
+        counts = dict(conn.execute(
+            "SELECT partition, count(*) FROM eventlog_events GROUP BY partition"
+        ).fetchall())  # fmt: skip
+    assert sorted(counts) == [0, 1, 2, 3]
+    assert min(counts.values()) >= 10
+
+
+async def test_create_topic_with_conflicting_partition_count_raises(log: Any, db_path: Path) -> None:
+    assert await log.create_topic("orders", 4) is True
+    assert await log.create_topic("orders", 4) is False
+    before = dump(db_path)
+    with pytest.raises(eventlog.TopicConflict):
+        await log.create_topic("orders", 8)
+    with pytest.raises(eventlog.TopicConflict):
+        await log.create_topic("orders", 4, exist_ok=False)
+    assert dump(db_path) == before
+
+
+async def test_topic_created_elsewhere_keeps_its_partition_count(
+    open_log: Any, db_path: Path
+) -> None:
+    log = await open_log(default_partitions=2)
+    other = await open_log()
+    await other.create_topic("wide", 5)
+    for i in range(20):
+        await log.append("wide", i, key=f"k{i}")
+    await log.append("narrow", 0)
+    with raw(db_path) as conn:
+        parts = dict(conn.execute("SELECT name, partitions FROM eventlog_topics").fetchall())
+        used = {p for (p,) in conn.execute(
+            "SELECT DISTINCT partition FROM eventlog_events WHERE topic = 'wide'"
+        )}  # fmt: skip
+    assert parts == {"wide": 5, "narrow": 2}
+    assert used <= set(range(5)) and len(used) > 2
+    with pytest.raises(eventlog.TopicConflict):
+        await log.create_topic("wide", 2)
+
+
+# -- durability and files ----------------------------------------------------------------------
+
+
+def synchronous_of(log: Any) -> int:
+    """PRAGMA synchronous on the log's own connection (2 = FULL, 1 = NORMAL)."""
+    if hasattr(log, "sync"):
+        return log.sync._conn.execute("PRAGMA synchronous").fetchone()[0]
+    return log._aconn._conn.execute("PRAGMA synchronous").fetchone()[0]
+
+
+@pytest.mark.parametrize(("durability", "level"), [(None, 2), ("full", 2), ("normal", 1)])
+async def test_durability_sets_synchronous(
+    open_log: Any, durability: str | None, level: int
+) -> None:
+    log = await open_log(**({} if durability is None else {"durability": durability}))
+    if hasattr(log, "sync"):
+        assert await log.call(synchronous_of, log) == level
+    else:
+        assert await log._aconn._execute(synchronous_of, log) == level
+
+
+async def test_database_and_sidecar_are_owner_only(open_log: Any, db_path: Path) -> None:
+    old = os.umask(0)  # a permissive umask must not widen anything
+    try:
+        log = await open_log()
+        await log.append("t", 1)
+    finally:
+        os.umask(old)
+    writer = await open_log()  # the sync log's one thread will be busy following
+    follower = log.read("t", start="latest", follow=True, idle_timeout=5)
+    pending = asyncio.ensure_future(follower.__anext__())
+    wake = log.paths.wake_folder
+    try:
+        await wait_until(lambda: any(wake.glob("*.sock")), what="the follower's wake socket")
+        files = {
+            db_path: 0o600,
+            Path(f"{db_path}-wal"): 0o600,
+            Path(f"{db_path}-shm"): 0o600,
+            log.paths.sidecar: 0o700,
+            wake: 0o700,
+            log.paths.write_lock: 0o600,
+        }
+        files.update({sock: 0o600 for sock in wake.glob("*.sock")})
+        for path, mode in files.items():
+            assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path} is {path.stat().st_mode:o}"
+    finally:
+        await writer.append("t", "release the follower")
+        await asyncio.wait_for(pending, 10)
+        await follower.aclose()
+
+
+async def test_appends_leave_the_file_intact(log: Any, db_path: Path) -> None:
+    for i in range(10):
+        await log.append_many([eventlog.Draft(f"t{i % 3}", {"i": i, "j": j}) for j in range(30)])
+    assert integrity(db_path) == ["ok"]
+
+
+# -- exact JSON round trips ------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+
+
+def deep(value: Any, depth: int) -> Any:
+    for i in range(depth):
+        value = [value] if i % 2 else {"d": value}
+    return value
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal in value and type (1 is not 1.0 is not True; -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return math.copysign(1, a) == math.copysign(1, b) and a == b
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(value=json_values | st.builds(deep, json_values, st.integers(0, 60)))
+async def test_any_json_value_round_trips_exactly(log: Any, db_path: Path, value: Any) -> None:
+    offset = await log.append("json", value)
+    event = await log.get(offset)
+    assert same(event.payload, value), (event.payload, value)
+    read = [e async for e in log.read("json", start=offset, limit=1)]
+    assert same(read[0].payload, value)
+    with raw(db_path) as conn:
+        (text,) = conn.execute("SELECT payload FROM eventlog_events WHERE id = ?", (offset,)).fetchone()
+    assert same(json.loads(text), value)
