@@ -194,6 +194,7 @@ class Consumer:
         self._redeliver_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._gate = _HandlerGate()
+        self._start: str | int | datetime = self.config.start
 
     # -- public -------------------------------------------------------------------------------
 
@@ -213,6 +214,11 @@ class Consumer:
     async def run(self, *, handle_signals: bool = True) -> None:
         """Consume until stop() (or SIGINT/SIGTERM when handle_signals in the main thread)."""
         loop = asyncio.get_running_loop()
+        if self.config.start == "latest":
+            # "latest" means the head when this member started, for every lane: a lane found
+            # later (a new topic matching a pattern) must not skip what it got before the
+            # next rebalance noticed it.
+            self._start = await self.log.head() + 1
         installed: list[int] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -266,7 +272,7 @@ class Consumer:
                 break
             if self._membership.try_take(lane):
                 state = await self.log.run(
-                    _groups.take_lane_plan(self.group, lane, self.config.start), "write"
+                    _groups.take_lane_plan(self.group, lane, self._start), "write"
                 )
                 run = _LaneRun(state, asyncio.create_task(self._lane_loop_guarded(state)))
                 self._lanes[lane] = run
