@@ -134,9 +134,40 @@ def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int
 def encode_json(value: Any, what: str = "payload") -> str:
     """Strict JSON: no NaN/Infinity, no silent conversion of unknown types."""
     try:
-        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidPayload(f"{what} is not plain JSON: {exc}") from exc
+    if value.__class__ not in _SCALARS:
+        _check_object_keys(value, what)
+    return text
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS = (dict, list, tuple)
+
+
+def _check_object_keys(value: Any, what: str) -> None:
+    """json.dumps turns int, float, bool and None keys into strings: {1: "a", "1": "b"}
+    would come back as {"1": "b"}. Only str keys round-trip, so only they are accepted.
+    Iterative: dumps already bounded the depth; this must not hit the recursion limit."""
+    stack = [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item = pop()
+        if isinstance(item, dict):
+            for key in item:
+                if key.__class__ is not str and not isinstance(key, str):
+                    raise InvalidPayload(
+                        f"{what} is not plain JSON: object key {key!r} is not a string "
+                        "(JSON would turn it into one)"
+                    )
+            for child in item.values():
+                if child.__class__ not in _SCALARS and isinstance(child, _CONTAINERS):
+                    push(child)
+        elif isinstance(item, _CONTAINERS):
+            for child in item:
+                if child.__class__ not in _SCALARS and isinstance(child, _CONTAINERS):
+                    push(child)
 
 
 @dataclass(frozen=True, slots=True)
