@@ -103,6 +103,7 @@ class Deliveries:
     """What a group's journals say: every handler call, in the order each process made them."""
 
     lines: list[dict[str, Any]] = field(default_factory=list)
+    # A SIGKILL can cut a write short; that event was not finished, so it is redelivered.
     torn: int = 0
 
     @property
@@ -478,7 +479,7 @@ class Demo:
         replay.proc.send_signal(signal.SIGTERM)
         code = self.wait_exit(replay, 10.0)
         clean += code == 0
-        replayed = read_journals([replay.journal] if replay.journal else [])
+        replayed = read_journals(self.journals("audit-replay"))
         self.say(
             f"audit replay (pid {replay.pid}) re-delivered {len(replayed.offsets):,} events "
             f"in {time.monotonic() - started:.2f}s, exit {code}"
@@ -488,20 +489,15 @@ class Demo:
         ]
 
         # 7. The table's checks, from the journals.
-        for group in ("billing", "audit"):
-            got = read_journals(
-                self.journals(group + "-")
-                if group == "billing"
-                else [audit.journal]
-                if audit.journal
-                else []
-            )
+        got_billing = read_journals(self.journals("billing-"))
+        got_audit = read_journals(self.journals("audit-1"))
+        for group, got in (("billing", got_billing), ("audit", got_audit)):
             missing = len(all_offsets - got.offsets)
             self.check(
                 f"delivered, {group}",
                 f"{len(got.offsets & all_offsets):,}",
                 f"{len(all_offsets):,} (all)",
-                missing == 0 and not got.torn,
+                missing == 0,
             )
         bound = s.batch_size * len(victim_lanes)
         self.check(
@@ -511,7 +507,6 @@ class Demo:
             got_billing.duplicates <= bound
             and got_billing.duplicate_partitions() <= set(victim_lanes),
         )
-        got_audit = read_journals([audit.journal] if audit.journal else [])
         self.check("duplicates, audit", got_audit.duplicates, "0", got_audit.duplicates == 0)
         for group in ("billing", "audit"):
             entries = dead[group]

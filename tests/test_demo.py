@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,3 +68,52 @@ def test_example_script_passes_arguments_through(tmp_path: Path) -> None:
     result = run(str(ROOT / "scripts" / "example.py"), "--help", timeout=30)
     assert result.returncode == 0
     assert "--quick" in result.stdout and "--dir" in result.stdout
+
+
+def test_journal_counting() -> None:
+    from eventlog._demo import Deliveries
+
+    def line(offset: int, partition: int, result: str = "ok", pid: int = 1) -> dict[str, object]:
+        return {"o": offset, "p": partition, "r": result, "pid": pid}
+
+    got = Deliveries(
+        [
+            line(1, 0),
+            line(2, 1),
+            line(3, 1, "raise"),
+            line(3, 1, "raise"),
+            line(2, 1, pid=2),  # redelivered after pid 1 died
+            line(4, 0, pid=2),
+        ]
+    )
+    assert got.offsets == {1, 2, 3, 4}
+    assert got.duplicates == 1  # failed attempts are not duplicates
+    assert got.duplicate_partitions() == {1}
+    assert got.in_order()
+    assert not Deliveries([line(5, 0), line(4, 0)]).in_order()
+
+
+def test_a_demo_out_of_time_fails_and_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import io
+
+    from eventlog import _demo
+
+    monkeypatch.setattr(_demo, "QUICK", dataclasses.replace(_demo.QUICK, budget_s=0.5))
+    out = io.StringIO()
+    assert _demo.run_demo(tmp_path, quick=True, out=out) == 1
+    text = out.getvalue()
+    assert "FAILED: gave up after" in text
+    assert "SOME CHECKS FAILED" in text
+    left = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(tmp_path).encode() in cmdline and b"_demo_worker" in cmdline:
+                left.append(pid)
+    assert not left, f"demo workers still running: {left}"
