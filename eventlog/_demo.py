@@ -390,13 +390,13 @@ class Demo:
             lambda: self.settled("billing", survivors) if survivors else None,
         )
         failover = time.monotonic() - killed_at
-        moved = ", ".join(
+        handover = ", ".join(
             f"{TOPIC}[{p}] -> pid {pid}"
             for pid, lanes in sorted(after.items())
             for p in lanes
             if p in victim_lanes
         )
-        self.say(f"failover in {failover:.2f}s: {moved}")
+        self.say(f"failover in {failover:.2f}s: {handover}")
         self.say(f"billing now: {self.owners_text(after)}")
 
         # 4. Producers finish; both groups drain.
@@ -467,10 +467,10 @@ class Demo:
         )
 
         # 6. Replay audit from earliest with one fresh process.
-        reset = self.reset_to_earliest("audit")
+        moved, again = self.reset_to_earliest("audit")
         self.say(
-            f"replay: moved group 'audit' back to earliest on {reset} partitions "
-            f"(lag now {self.lag('audit'):,})"
+            f"replay: moved group 'audit' back to earliest on {moved} partitions: "
+            f"{again:,} events to deliver again (lag now {self.lag('audit'):,})"
         )
         replay = self.spawn_consumer("audit", "audit-replay")
         started = time.monotonic()
@@ -549,8 +549,18 @@ class Demo:
             len(dead_again) == 1 and dead_again[0].offset == poison_offset,
         )
 
-    def reset_to_earliest(self, group: str) -> int:
-        """Move every partition of the group back to the start; refuses with live members."""
+    def reset_to_earliest(self, group: str) -> tuple[int, int]:
+        """Move every partition of the group back to the start, as `eventlog replay` does;
+        refuses while the group has live members. Returns (partitions, events to redeliver)."""
+        assert self.log is not None
+        try:
+            from . import _ops
+        except ImportError:  # an eventlog without the operator tools: the same, by hand
+            return self._reset_by_hand(group)
+        plan = _ops.replay(self.log, group, _ops.ResetSpec("earliest"), execute=True)
+        return sum(1 for lane in plan.lanes if lane.changes), plan.redelivered
+
+    def _reset_by_hand(self, group: str) -> tuple[int, int]:
         assert self.log is not None
         live = [m for m in self.log.group_members(group) if m.alive]
         if live:
@@ -563,7 +573,9 @@ class Demo:
                 yield _core.Stmt(_sql.SET_GROUP_LANE, (group, topic, partition, 0, ts))
             return len(lanes)
 
-        return self.log.run(plan(), "write")
+        moved = self.log.run(plan(), "write")
+        self.log.notify()
+        return moved, self.lag(group) or 0  # the group had drained: its lag is the replay
 
     # -- the end ------------------------------------------------------------------------------
 
