@@ -586,14 +586,7 @@ class Demo:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         self.out.write("\n")
         for i, row in enumerate(rows):
-            cells = [
-                row[j].ljust(widths[j])
-                if j == 0
-                else row[j].rjust(widths[j])
-                if j == 1
-                else row[j].ljust(widths[j])
-                for j in range(3)
-            ]
+            cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2])]
             self.out.write(("  " + "  ".join(cells) + "  " + row[3]).rstrip() + "\n")
             if i == 0:
                 self.out.write("  " + "  ".join("-" * w for w in widths) + "  ------\n")
