@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,18 +176,46 @@ async def test_append_between_the_first_read_and_the_wait_wakes_the_consumer_at_
     monkeypatch.setattr(_async, "FALLBACK_POLL_S", 30.0)
     monkeypatch.setattr(_consumer, "REBALANCE_S", 30.0)
     wait_any = _consumer._wait_any
-    appended: list[int] = []
 
-    async def append_then_wait(*events: asyncio.Event, timeout: float = 1.0) -> None:
-        if not appended:
-            # The lane just read and found nothing; it has not started waiting yet.
-            appended.extend(append_elsewhere(db, [{"topic": "t", "payload": "late"}]))
-            appended.append(time.monotonic())  # type: ignore[arg-type]
+    async def slow_wait_any(*events: asyncio.Event, timeout: float = 1.0) -> None:
         await wait_any(*events, timeout=30.0)
 
-    monkeypatch.setattr(_consumer, "_wait_any", append_then_wait)
+    monkeypatch.setattr(_consumer, "_wait_any", slow_wait_any)
+
+    # The consumer's waiter is asleep when the append commits: its last look at
+    # data_version found nothing new.
+    asleep = threading.Event()
+    changed = _sync.DatabaseWatch.changed
+
+    def watch_changed(self: _sync.DatabaseWatch) -> bool:
+        result = changed(self)
+        if result:
+            asleep.clear()
+        else:
+            asleep.set()
+        return result
+
+    monkeypatch.setattr(_sync.DatabaseWatch, "changed", watch_changed)
+
+    # The lane's first read finds nothing; another process appends while that read's
+    # transaction is still open (on the connection's thread), so before the lane can wait.
+    appended: list[float] = []
+    peek_plan = _groups.peek_plan
+
+    def peek_then_append(group: str, state: LaneState, limit: int):  # type: ignore[no-untyped-def]
+        batch = yield from peek_plan(group, state, limit)
+        if not batch.events and not appended:
+            assert asleep.wait(30)
+            appended.extend(append_elsewhere(db, [{"topic": "t", "payload": "late"}]))
+            appended.append(time.monotonic())
+        return batch
+
+    monkeypatch.setattr(_groups, "peek_plan", peek_then_append)
     async with eventlog.open(db) as log:
         await log.create_topic("t")
+        # The group's position exists already, so taking the lane writes nothing (a write of
+        # the consumer's own would wake its waiter once and blur the test).
+        await log.run(_groups.take_lane_plan("g", ("t", 0), "earliest"), "write")
         listener = log.paths.wake_folder / f"{99999999}-{'0' * 8}.sock"
         assert len(bytes(listener)) <= 100, "tmp path too long for wake-up sockets"
         got, handle = collector()
