@@ -52,6 +52,9 @@ class Limits:
     max_header_length: int = 4096
     max_name_length: int = 200
     max_partitions: int = 1024
+    # Reading a payload back needs a stack frame per level on top of the reader's own, under
+    # Python's recursion limit (1000): much deeper and a stored event could never be read.
+    max_depth: int = 200
 
 
 DEFAULT_LIMITS = Limits()
@@ -131,15 +134,39 @@ def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int
     return partitions
 
 
-def encode_json(value: Any, what: str = "payload") -> str:
-    """Strict JSON: no NaN/Infinity, no silent conversion of unknown types."""
+def encode_json(
+    value: Any, what: str = "payload", max_depth: int = DEFAULT_LIMITS.max_depth
+) -> str:
+    """Strict JSON: no NaN/Infinity, no silent conversion of unknown types, no nesting deeper
+    than `max_depth` containers (json.loads could not read it back in a deep call stack)."""
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidPayload(f"{what} is not plain JSON: {exc}") from exc
     if value.__class__ not in _SCALARS:
         _check_object_keys(value, what)
+        # Each level writes a bracket, so few brackets prove shallow without a walk.
+        if text.count("[") + text.count("{") > max_depth:
+            depth = _nesting(value)
+            if depth > max_depth:
+                raise InvalidPayload(
+                    f"{what} is nested {depth} levels deep; the limit is {max_depth}",
+                    hint="flatten the payload, or raise Limits.max_depth",
+                )
     return text
+
+
+def _nesting(value: Any) -> int:
+    """How many containers deep the value goes (a scalar is 0, [] is 1)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, depth + 1))
+    return deepest
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -203,7 +230,7 @@ def encode_event(
 ) -> EncodedEvent:
     """Validate and encode one event; raises a typed error and touches nothing on bad input."""
     check_name(topic, "topic", limits)
-    text = encode_json(payload)
+    text = encode_json(payload, "payload", limits.max_depth)
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
