@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -375,10 +376,14 @@ class SyncLog:
                                          **options)  # fmt: skip
                 if stop is not None:
                     loop = asyncio.get_running_loop()
-                    threading.Thread(
-                        target=lambda: (stop.wait(), loop.call_soon_threadsafe(consumer.stop)),
-                        daemon=True,
-                    ).start()
+
+                    def relay() -> None:
+                        stop.wait()
+                        # consume() may have ended first (a failure): its loop is closed
+                        with contextlib.suppress(RuntimeError):
+                            loop.call_soon_threadsafe(consumer.stop)
+
+                    threading.Thread(target=relay, daemon=True).start()
                 await consumer.run(handle_signals=handle_signals)
             finally:
                 await alog.close()
