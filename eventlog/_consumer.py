@@ -414,7 +414,10 @@ class Consumer:
         while True:
             counted = attempts + (credit if attempts else 0)
             if counted >= cfg.max_attempts:
-                return await self._dead_letter(event, counted, error, state)
+                parked = await self._dead_letter(event, counted, error, state)
+                if parked and credit and attempts and state is not None:
+                    state.settle_crash()  # this event was charged the crashed run
+                return parked
             if attempts and attempts >= 1 and error is not None:
                 delay = _groups.backoff_delay(attempts, cfg.retry_backoff, cfg.max_backoff,
                                               self._rng)  # fmt: skip
@@ -429,6 +432,8 @@ class Consumer:
                 if error is None:
                     await self._run_write(_groups.finish_event_plan(self.group, event, state))
                     self.stats.handled += 1
+                    if credit and attempts > 1 and state is not None:
+                        state.settle_crash()  # it failed alone: it took the crashed run
                     return True
                 self.stats.failed_attempts += 1
                 await self._run_write(

@@ -7,7 +7,11 @@ commits the previous one. Whoever takes a lane and finds that marker knows its l
 mid-batch, and handles that range one event at a time, writing each event's attempt count
 before its handler runs. An event whose attempt was written and who is still inside the
 crashed range also carries the batch run that crashed: that run is counted once, when the
-event fails again alone, so its innocent neighbours are never charged for it.
+event fails again alone, so its innocent neighbours are never charged for it. Once such an
+event is done (handled or dead-lettered), the crash is accounted for: the rest of the range
+is handled as an ordinary batch again (still marked in flight, so a new crash is noticed), and
+a second poison event in it, which never ran in the crashed batch, is not charged that run
+too.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class LaneState:
 
     def suspect(self, offset: int) -> bool:
         return self.credit(offset) == 1
+
+    def settle_crash(self) -> None:
+        """An event of the crashed range failed alone and is done: it was charged the
+        crashed run, which nobody else may be charged again (see the module doc)."""
+        self.crashed_from = self.crashed_to = None
 
 
 @dataclass

@@ -101,6 +101,51 @@ def test_event_that_kills_its_process_is_dead_lettered_after_max_attempts_restar
     assert attempt_rows(db) == []
 
 
+def restart_until_done(db: Path, journal: Path, members, last: int, bound: int,
+                       *options: object) -> int:
+    """Start members one after another until the group's position reaches `last`; returns
+    how many died (each must exit 1: the handler's os._exit)."""
+    deaths = 0
+    for _ in range(bound):
+        member = members(db, journal, "--topic", "t", *options)
+        wait_until(lambda m=member: not m.alive() or position(db, "g", "t") == last,
+                   timeout=30, what="the member to die or finish")  # fmt: skip
+        if position(db, "g", "t") == last:
+            member.signal(signal.SIGTERM)
+            assert member.wait_exit() == 0, member.stderr
+            return deaths
+        assert member.wait_exit() == 1, member.stderr
+        deaths += 1
+    pytest.fail(f"not done after {deaths} deaths")
+
+
+def test_two_events_that_kill_their_process_in_one_batch_each_get_max_attempts_calls(
+    db: Path, journal: Path, members
+) -> None:
+    max_attempts = 3
+    with eventlog.open_sync(db) as log:
+        offsets = log.append_many([
+            eventlog.Draft("t", {"n": i, **({"do": "exit"} if i in (1, 3) else {})})
+            for i in range(5)
+        ])  # fmt: skip
+    deaths = restart_until_done(db, journal, members, offsets[-1], 2 * max_attempts + 3,
+                                "--max-attempts", max_attempts)  # fmt: skip
+
+    records = read_journal(journal)
+    for poison in (offsets[1], offsets[3]):
+        assert len(calls(records, "start", offset=poison)) == max_attempts, (
+            f"offset {poison}: dead-lettered after"
+            f" {len(calls(records, 'start', offset=poison))} calls, not {max_attempts}"
+        )
+    assert deaths == 2 * max_attempts
+    entries = deadletter_entries(db)
+    assert sorted((e["offset"], e["attempts"]) for e in entries) == [
+        (offsets[1], max_attempts), (offsets[3], max_attempts)
+    ]  # fmt: skip
+    for innocent in (offsets[0], offsets[2], offsets[4]):
+        assert calls(records, "end", offset=innocent, outcome="ok"), innocent
+
+
 @pytest.mark.parametrize("api", ["async", "sync"])
 def test_sigterm_finishes_the_event_in_hand_commits_and_releases(
     db: Path, journal: Path, members, api: str
