@@ -117,6 +117,9 @@ class AsyncLog:
         try:
             await aconn  # on failure aiosqlite stops its own thread
         except BaseException:
+            # ...and reports that stop to this loop from its thread: wait for it, or a caller
+            # that closes the loop right after (asyncio.run) makes that thread raise
+            aconn._thread.join(10)
             self._write_lock.close()
             self._wake.close()
             self._close_fast()
