@@ -469,8 +469,8 @@ class Demo:
         # 6. Replay audit from earliest with one fresh process.
         moved, again = self.reset_to_earliest("audit")
         self.say(
-            f"replay: moved group 'audit' back to earliest on {moved} partitions: "
-            f"{again:,} events to deliver again (lag now {self.lag('audit'):,})"
+            f"replay (eventlog replay audit --to-earliest --execute): moved group 'audit' "
+            f"back on {moved} partitions, {again:,} events to deliver again"
         )
         replay = self.spawn_consumer("audit", "audit-replay")
         started = time.monotonic()
@@ -635,8 +635,11 @@ def run_demo(directory: Path | None, *, quick: bool = False, out: IO[str] | None
         return 130
     if temporary and passed:
         shutil.rmtree(folder, ignore_errors=True)
-    elif not passed:
-        out.write(f"the log, journals and process logs are kept in {folder}\n")
+    else:
+        out.write(
+            f"the log, journals and process logs are in {folder}; look around with\n"
+            f"  eventlog --db {folder / DB_NAME} groups   (or: dlq list, stats, tail orders)\n"
+        )
     return 0 if passed else 1
 
 
