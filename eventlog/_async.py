@@ -27,7 +27,7 @@ from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, Topi
 from ._locks import FileLock
 from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
 from ._wake import WakeListener, WakeSender
-from .errors import EventlogError, InvalidArgument, LogClosed, LogForked
+from .errors import EventlogError, LogClosed, LogForked
 
 if TYPE_CHECKING:
     from ._consumer import Consumer
@@ -63,7 +63,7 @@ class AsyncLog:
         self.durability = durability
         self.limits = limits
         self.default_partitions = _core.check_partitions(default_partitions, limits)
-        self._busy_ms = int(busy_timeout * 1000)
+        self._busy_ms = _db.check_open_options(durability, busy_timeout)
         self._create = create
         self._allow_network_fs = allow_network_fs
         self._cache = TopicCache()
@@ -400,8 +400,7 @@ class AsyncLog:
         """
         start = _core.check_start(start)
         _core.compile_patterns(topics)
-        if limit is not None and limit < 0:
-            raise InvalidArgument(f"limit must be >= 0, got {limit}")
+        _core.check_read_options(limit, page)
         return self._read(topics, start, follow, limit, page, stop, idle_timeout)
 
     async def _read(

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, TypeVar
 
 from . import _sql
@@ -99,6 +100,10 @@ def compile_patterns(patterns: str | Sequence[str]) -> re.Pattern[str]:
     """One regex matching any of the given topic names or patterns; use `topic_matches`."""
     if isinstance(patterns, str):
         patterns = [patterns]
+    elif not isinstance(patterns, list | tuple):
+        raise InvalidName(
+            f"topics must be a name, a pattern, or a list of them, got {type(patterns).__name__}"
+        )
     if not patterns:
         raise InvalidArgument("subscribe to at least one topic or pattern")
     alternatives = []
@@ -120,6 +125,15 @@ def compile_patterns(patterns: str | Sequence[str]) -> re.Pattern[str]:
 
 def topic_matches(compiled: re.Pattern[str], topic: str) -> bool:
     return compiled.fullmatch("." + topic) is not None
+
+
+def check_read_options(limit: object, page: object) -> None:
+    """`limit`: None or a count >= 0; `page`: rows per lane and query, >= 1 (SQLite would
+    read LIMIT -1 as no limit and load a whole backlog at once)."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise InvalidArgument(f"limit must be None or an integer >= 0, got {limit!r}")
+    if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+        raise InvalidArgument(f"page must be an integer >= 1, got {page!r}")
 
 
 def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int:
@@ -301,7 +315,9 @@ class Event:
         }
 
 
-_EMPTY_HEADERS: Mapping[str, str] = {}
+# Shared by every event without headers, so it must be read-only: a caller mutating one
+# event's headers would otherwise change the headers of all later ones.
+_EMPTY_HEADERS: Mapping[str, str] = MappingProxyType({})
 _loads = json.loads
 
 

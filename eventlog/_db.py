@@ -134,6 +134,20 @@ def prepare_files(paths: Paths, *, create: bool) -> None:
         raise translate(exc) from exc
 
 
+def check_open_options(durability: object, busy_timeout: object) -> int:
+    """Validate the options every open takes, before any file is touched; returns the busy
+    timeout in milliseconds."""
+    if durability not in ("full", "normal"):
+        raise InvalidArgument(f"durability must be 'full' or 'normal', got {durability!r}")
+    if (
+        not isinstance(busy_timeout, int | float)
+        or isinstance(busy_timeout, bool)
+        or not 0 <= busy_timeout < 86_400
+    ):
+        raise InvalidArgument(f"busy_timeout must be seconds >= 0, got {busy_timeout!r}")
+    return int(busy_timeout * 1000)
+
+
 def connect(
     paths: Paths,
     *,

@@ -132,14 +132,15 @@ class SyncLog:
         create: bool = True,
         allow_network_fs: bool = False,
     ) -> None:
+        # Closed until fully open: a failed open has nothing to close or warn about.
+        self._closed = True
         self.paths = _db.Paths.for_db(path)
         self.durability = durability
         self.limits = limits
         self.default_partitions = _core.check_partitions(default_partitions, limits)
-        self._busy_ms = int(busy_timeout * 1000)
+        self._busy_ms = _db.check_open_options(durability, busy_timeout)
         self._cache = TopicCache()
         self._mutex = threading.RLock()
-        self._closed = False
         _db.check_filesystem(self.paths, allow_network_fs)
         _db.prepare_files(self.paths, create=create)
         self._open_handles()
@@ -148,6 +149,7 @@ class SyncLog:
         except BaseException:
             self._close_handles()
             raise
+        self._closed = False
 
     def _open_handles(self) -> None:
         self._pid = os.getpid()
@@ -261,8 +263,7 @@ class SyncLog:
         """
         start = _core.check_start(start)
         _core.compile_patterns(topics)
-        if limit is not None and limit < 0:
-            raise InvalidArgument(f"limit must be >= 0, got {limit}")
+        _core.check_read_options(limit, page)
         return self._read(topics, start, follow, limit, page, stop, idle_timeout)
 
     def _read(
