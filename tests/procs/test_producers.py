@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import events_by_offset, integrity, raw
+import eventlog
+from conftest import events_by_offset, integrity
 
 PRODUCERS = 4
 PER_PRODUCER = 2000
@@ -53,8 +54,7 @@ def test_concurrent_producers_get_unique_increasing_offsets_in_their_own_order(
         assert payload["seq"] == next_seq[payload["p"]]
         next_seq[payload["p"]] += 1
 
-    with raw(db_path) as conn:
-        assert conn.execute(
-            "SELECT events, last_offset FROM eventlog_topics WHERE name = 'orders'"
-        ).fetchone() == (PRODUCERS * PER_PRODUCER, max(stored))
+    with eventlog.open_sync(db_path) as log:
+        (info,) = log.topics()
+    assert (info.events, info.last_offset) == (PRODUCERS * PER_PRODUCER, max(stored))
     assert integrity(db_path) == ["ok"]
