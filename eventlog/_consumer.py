@@ -356,7 +356,7 @@ class Consumer:
             event = events[i]
             prior = batch.attempts.get(event.offset, 0)
             if prior or state.suspect(event.offset):
-                if not await self._handle_carefully(event, prior, state):
+                if not await self._handle_carefully(event, prior, state, revoked=revoked):
                     break
                 done = event.offset
                 i += 1
@@ -388,7 +388,8 @@ class Consumer:
                 _groups.record_failure_plan(self.group, event, 1, error, state)
             )
             self.stats.failed_attempts += 1
-            if not await self._handle_carefully(event, 1, state, first_error=error):
+            if not await self._handle_carefully(event, 1, state, first_error=error,
+                                                revoked=revoked):
                 break
             done = event.offset
             i += 1
@@ -400,9 +401,12 @@ class Consumer:
         prior: int,
         state: LaneState | None,
         first_error: ErrorInfo | None = None,
+        revoked: asyncio.Event | None = None,
     ) -> bool:
         """One event, attempts written before each run, until it succeeds or is
-        dead-lettered; False if stopped first (the event stays unacknowledged)."""
+        dead-lettered; False if stopped first (the event stays unacknowledged). A revoked
+        lane stops too, between attempts: its attempts are persisted, so the next owner
+        goes on counting, and a rebalance never waits for a whole retry schedule."""
         cfg = self.config
         credit = state.credit(event.offset) if state is not None else 0
         attempts = prior
@@ -414,14 +418,14 @@ class Consumer:
         while True:
             counted = attempts + (credit if attempts else 0)
             if counted >= cfg.max_attempts:
-                parked = await self._dead_letter(event, counted, error, state)
+                parked = await self._dead_letter(event, counted, error, state, revoked)
                 if parked and credit and attempts and state is not None:
                     state.settle_crash()  # this event was charged the crashed run
                 return parked
             if attempts and attempts >= 1 and error is not None:
                 delay = _groups.backoff_delay(attempts, cfg.retry_backoff, cfg.max_backoff,
                                               self._rng)  # fmt: skip
-                if await _sleep_unless(self._stop, delay):
+                if await _sleep_unless(self._stop, delay, revoked):
                     return False
             attempts += 1
             # From the attempt's write to its outcome's, this handler runs alone (see
@@ -443,7 +447,12 @@ class Consumer:
                         event.partition, event.offset, attempts, error[0], error[1])  # fmt: skip
 
     async def _dead_letter(
-        self, event: Event, attempts: int, error: ErrorInfo | None, state: LaneState | None
+        self,
+        event: Event,
+        attempts: int,
+        error: ErrorInfo | None,
+        state: LaneState | None,
+        revoked: asyncio.Event | None = None,
     ) -> bool:
         row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
         first_failed = row[1] if row else None
@@ -466,7 +475,7 @@ class Consumer:
             except DeadLetterError as exc:
                 # Never move past an event that is not safely parked: keep trying.
                 log.error("%s: %s (retrying in %.1fs)", self.group, exc, delay)
-                if await _sleep_unless(self._stop, delay):
+                if await _sleep_unless(self._stop, delay, revoked):
                     return False
                 delay = min(delay * 2, self.config.max_backoff or 30.0)
         await self._run_write(_groups.finish_event_plan(self.group, event, state))
@@ -609,10 +618,15 @@ async def _wait_any(*events: asyncio.Event, timeout: float = 1.0) -> None:
             w.cancel()
 
 
-async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:
-    """Sleep `delay` seconds; True if stop was set meanwhile."""
+async def _sleep_unless(
+    stop: asyncio.Event, delay: float, revoked: asyncio.Event | None = None
+) -> bool:
+    """Sleep `delay` seconds; True if stop (or revoked, when given) was set meanwhile."""
+    events = [stop] if revoked is None else [stop, revoked]
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        await asyncio.wait_for(stop.wait(), delay)
-        return True
-    except TimeoutError:
-        return stop.is_set()
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    return any(e.is_set() for e in events)

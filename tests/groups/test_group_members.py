@@ -298,3 +298,41 @@ async def test_closing_other_descriptors_of_lock_files_never_frees_a_lane(
         assert lane_events <= ours and not lane_events & theirs
         assert all(lane not in map(tuple, r["lanes"]) for r in records
                    if r["phase"] == "lanes" and r["pid"] == b.pid)  # fmt: skip
+
+
+def test_a_partition_stuck_retrying_is_still_handed_over_when_a_member_joins(
+    db: Path, journal: Path, members
+) -> None:
+    keys = keys_by_partition(2, 1)
+    retrying = ["--topic", "t", "--max-attempts", "1000", "--retry-backoff", "2",
+                "--max-backoff", "2"]  # fmt: skip
+    with eventlog.open_sync(db) as log:
+        log.create_topic("t", partitions=2)
+        # Each partition is blocked by an event that fails every time (retried for minutes).
+        bad = [log.append("t", {"do": "raise"}, key=keys[p][0]) for p in range(2)]
+    first = members(db, journal, *retrying)
+    first.wait_ready()
+    wait_until(lambda: all(len(calls(read_journal(journal), "start", offset=o)) >= 2
+                           for o in bad), what="both partitions retrying")  # fmt: skip
+
+    second = members(db, journal, *retrying)
+    second.wait_ready()
+    joined = time.monotonic()
+    # Whichever partition is the newcomer's share, the first member must let it go: the
+    # event in hand is not finished (it fails), its retries can wait for the next owner.
+    wait_until(lambda: len(latest_lanes(read_journal(journal)).get(second.pid, [])) == 1,
+               timeout=20, what="the newcomer to get its partition")  # fmt: skip
+    assert time.monotonic() - joined < 20
+    wait_until(lambda: len(latest_lanes(read_journal(journal)).get(first.pid, [])) == 1,
+               what="the first member to keep one partition")  # fmt: skip
+    (lane,) = latest_lanes(read_journal(journal))[second.pid]
+    offset = bad[lane[1]]
+    # The attempts made so far were kept: the new owner goes on counting from them.
+    wait_until(lambda: calls(read_journal(journal), "start", offset=offset, pid=second.pid),
+               what="the new owner to try the event")  # fmt: skip
+    counted = [r[2] for r in attempt_rows(db, "g") if r[1] == offset]
+    tried = len(calls(read_journal(journal), "start", offset=offset))
+    assert counted and counted[0] >= tried - 1
+    for m in (first, second):
+        m.signal(signal.SIGTERM)
+        assert m.wait_exit() == 0, m.stderr
