@@ -178,3 +178,44 @@ DONE_REDELIVERY = "DELETE FROM eventlog_redeliveries WHERE group_name = ? AND ev
 PRUNE_LANE_BEFORE = (
     "DELETE FROM eventlog_events WHERE topic = ? AND partition = ? AND id <= ?"
 )
+
+# -- operations (cli) -------------------------------------------------------------------------
+# Statements of eventlog/_ops.py (stats, retention, replay, backup, doctor). Only appended to.
+
+MAX_EVENT_ID = "SELECT max(id) FROM eventlog_events"
+# Capped count: an index walk of at most ? entries, so stats stays fast on any log.
+COUNT_LANE_AFTER_CAPPED = (
+    "SELECT count(*) FROM (SELECT 1 FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id > ? LIMIT ?)"
+)
+# Replay's --shift-by counts events within the lane (offsets are shared by all topics).
+LANE_OFFSET_BACK = (
+    "SELECT id FROM eventlog_events WHERE topic = ? AND partition = ? AND id <= ?"
+    " ORDER BY id DESC LIMIT 1 OFFSET ?"
+)
+LANE_OFFSET_FORWARD = (
+    "SELECT id FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
+    " ORDER BY id LIMIT 1 OFFSET ?"
+)
+LANE_NEWEST_IDS = (
+    "SELECT id FROM eventlog_events WHERE topic = ? AND partition = ? AND id < ?"
+    " ORDER BY id DESC LIMIT ?"
+)
+GROUP_POSITIONS_IN_TOPIC = (
+    "SELECT group_name, partition, position FROM eventlog_group_offsets WHERE topic = ?"
+)
+REDELIVERIES_IN_TOPIC = (
+    "SELECT r.group_name, e.partition, min(r.event_offset) FROM eventlog_redeliveries r"
+    " JOIN eventlog_events e ON e.id = r.event_offset WHERE e.topic = ?"
+    " GROUP BY r.group_name, e.partition"
+)
+PENDING_REDELIVERY_COUNT = "SELECT count(*) FROM eventlog_redeliveries WHERE group_name = ?"
+# One chunk of a prune, oldest first: short write transactions, so producers never wait
+# long. RETURNING: only events at or below the topic's counted_through leave its counter.
+PRUNE_LANE_CHUNK = (
+    "DELETE FROM eventlog_events WHERE id IN (SELECT id FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id <= ? ORDER BY id LIMIT ?) RETURNING id"
+)
+# Starts the read transaction a backup copies from: one snapshot, so concurrent commits
+# neither restart the copy nor leak into it.
+BACKUP_SNAPSHOT = "SELECT count(*) FROM sqlite_schema"

@@ -1,0 +1,5 @@
+"""`python -m eventlog`: the command line."""
+
+from .cli import main
+
+main()
