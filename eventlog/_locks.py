@@ -41,11 +41,15 @@ class FileLock:
         self.held = False
 
     def write_note(self, text: str) -> None:
-        """Replace the file's content (a heartbeat others read without locking)."""
+        """Replace the file's content (a heartbeat others read without locking).
+
+        Padded with spaces to the previous length instead of truncated, so a reader never
+        sees a shortened file with the old note's tail: JSON ignores the trailing spaces.
+        """
         data = text.encode("utf-8")
         fd = self.fileno()
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        size = os.fstat(fd).st_size
+        os.pwrite(fd, data.ljust(size), 0)
 
     def close(self) -> None:
         if self._fd is None:
