@@ -116,6 +116,8 @@ class SyncProxy:
         return cls(executor, sync)
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._executor._shutdown:  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)  # closed: the SyncLog raises LogClosed at once
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs)
         )
@@ -163,8 +165,8 @@ class SyncProxy:
                 bridge.cancel()
 
     async def close(self) -> None:
-        if self._executor._shutdown:  # closed already, like AsyncLog.close, safe twice
-            return
+        if self._executor._shutdown:  # type: ignore[attr-defined]
+            return  # closed already: like AsyncLog.close, safe twice
         for it in list(self._iterators):
             await it.aclose()
         try:

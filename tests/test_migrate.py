@@ -1,0 +1,131 @@
+"""The migration runner: numbered files applied once each, in order, each in one transaction;
+a failing one changes nothing; an app's own tables are left alone; newer files are refused
+(see test_errors) and concurrent first opens are safe (see procs/test_fresh_file_race)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import dump, integrity, raw
+
+import eventlog
+from eventlog import _db
+
+MIGRATIONS = _db.load_migrations()
+
+
+def recorded(db_path: Path) -> list[tuple[int, str, int]]:
+    with raw(db_path) as conn:
+        return conn.execute(
+            "SELECT version, name, applied_at FROM eventlog_schema ORDER BY version"
+        ).fetchall()
+
+
+def test_migration_files_are_numbered_from_one_without_gaps() -> None:
+    assert MIGRATIONS, "no migrations found in the package"
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    for m in MIGRATIONS:
+        assert re.fullmatch(r"\d{4}_[a-z0-9_]+", m.name), m.name
+        statements = _db.split_statements(m.sql)
+        assert statements
+        for statement in statements:
+            assert sqlite3.complete_statement(statement)
+            # transactions are the runner's: a file must not commit on its own
+            assert not re.match(r"\s*(BEGIN|COMMIT|END|ROLLBACK)\b", statement, re.I), statement
+
+
+async def test_fresh_file_gets_every_migration_recorded_once(open_log: Any, db_path: Path) -> None:
+    await open_log()
+    rows = recorded(db_path)
+    assert [(v, n) for v, n, _ in rows] == [(m.version, m.name) for m in MIGRATIONS]
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        (events_sql,) = conn.execute(
+            "SELECT sql FROM sqlite_schema WHERE name = 'eventlog_events'"
+        ).fetchone()
+    assert {"eventlog_schema", "eventlog_topics", "eventlog_events"} <= tables
+    assert "AUTOINCREMENT" in events_sql.upper()  # offsets never reused (guarantee 2)
+
+
+async def test_reopening_applies_nothing_again(open_log: Any, db_path: Path) -> None:
+    log = await open_log()
+    await log.append("t", 1)
+    await log.close()
+    first = recorded(db_path)
+    before = dump(db_path)
+    log = await open_log()
+    await log.close()
+    assert recorded(db_path) == first
+    assert dump(db_path) == before
+
+
+async def test_pending_migration_is_applied_on_open_and_keeps_data(
+    open_log: Any, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log()
+    offset = await log.append("t", "kept")
+    await log.close()
+    nxt = MIGRATIONS[-1].version + 1
+    extra = _db.Migration(nxt, f"{nxt:04d}_extra",
+                          "-- a comment\nCREATE TABLE eventlog_extra (a INTEGER);\n"
+                          "CREATE INDEX eventlog_extra_a ON eventlog_extra (a);\n")  # fmt: skip
+    monkeypatch.setattr(_db, "load_migrations", lambda: [*MIGRATIONS, extra])
+    log = await open_log()
+    assert (await log.get(offset)).payload == "kept"
+    assert [v for v, _, _ in recorded(db_path)] == [m.version for m in MIGRATIONS] + [nxt]
+    with raw(db_path) as conn:
+        conn.execute("INSERT INTO eventlog_extra VALUES (1)")
+
+
+async def test_failing_migration_changes_nothing_and_is_not_recorded(
+    open_log: Any, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log()
+    await log.append("t", "kept")
+    await log.close()
+    before = dump(db_path)
+    nxt = MIGRATIONS[-1].version + 1
+    broken = _db.Migration(nxt, f"{nxt:04d}_broken",
+                           "CREATE TABLE eventlog_half (a);\n"
+                           "ALTER TABLE eventlog_events ADD COLUMN extra TEXT;\n"
+                           "INSERT INTO no_such_table VALUES (1);\n")  # fmt: skip
+    monkeypatch.setattr(_db, "load_migrations", lambda: [*MIGRATIONS, broken])
+    with pytest.raises(eventlog.EventlogError):
+        await open_log()
+    assert dump(db_path) == before
+    with raw(db_path) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'eventlog_half'"
+        ).fetchone() == (0,)
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(eventlog_events)")]
+    assert "extra" not in columns
+    # the current code still opens the file
+    monkeypatch.setattr(_db, "load_migrations", lambda: MIGRATIONS)
+    log = await open_log()
+    await log.append("t", "still works")
+
+
+async def test_application_tables_in_the_same_file_are_left_alone(
+    open_log: Any, db_path: Path
+) -> None:
+    with raw(db_path) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO orders (total) VALUES (9.5)")
+    log = await open_log()
+    await log.append("t", 1)
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT * FROM orders").fetchall() == [(1, 9.5)]
+    assert integrity(db_path) == ["ok"]
+
+
+def test_split_statements_refuses_an_incomplete_statement() -> None:
+    assert _db.split_statements("CREATE TABLE a (x);\n-- trailing comment\n") == [
+        "CREATE TABLE a (x);"
+    ]
+    with pytest.raises(eventlog.EventlogError):
+        _db.split_statements("CREATE TABLE a (x);\nCREATE TABLE b (y")
