@@ -87,6 +87,7 @@ class _InHand:
     attempts: int
     started: float
     state: LaneState | None
+    batch: bool = False  # a batch handler's call: `event` is only its first event
 
 
 @dataclass
@@ -509,7 +510,7 @@ class Consumer:
 
     async def _call_batch(self, events: list[Event], state: LaneState) -> ErrorInfo | None:
         assert self._batch_handler is not None
-        self._in_hand[state.lane] = _InHand(events[0], 1, time.monotonic(), state)
+        self._in_hand[state.lane] = _InHand(events[0], 1, time.monotonic(), state, batch=True)
         try:
             await self._invoke(self._batch_handler, events)
         except asyncio.CancelledError:
@@ -591,16 +592,21 @@ class Consumer:
 def _exit_after_hard_timeout(
     paths: _db.Paths, group: str, durability: _db.Durability, held: _InHand, limit: float
 ) -> None:
-    """Record the attempt from the watchdog thread, then end the process so its locks free."""
+    """Record the attempt from the watchdog thread, then end the process so its locks free.
+
+    A batch handler's call names no culprit: nothing is recorded, and the in-flight marker
+    (which covers every event of such a call) makes the next owner run them one at a time
+    and charge the hang to the event that hangs alone (guarantee 4)."""
     event = held.event
     error = ("HardTimeout", f"the handler ran longer than hard_timeout={limit}s; "
              f"process {os.getpid()} exited", "")  # fmt: skip
     try:
-        conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
-                           check_same_thread=False)  # fmt: skip
-        lock = FileLock(paths.write_lock)
-        _db.drive(conn, _groups.record_failure_plan(group, event, held.attempts, error,
-                                                    held.state), "write", lock)  # fmt: skip
+        if not held.batch:
+            conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
+                               check_same_thread=False)  # fmt: skip
+            lock = FileLock(paths.write_lock)
+            _db.drive(conn, _groups.record_hard_timeout_plan(group, event, held.attempts, error,
+                                                             held.state), "write", lock)  # fmt: skip
     except Exception:
         log.exception("could not record the timed-out attempt")
     log.error("%s: %s[%d]@%d exceeded hard_timeout %.1fs; exiting", group, event.topic,

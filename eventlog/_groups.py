@@ -156,6 +156,27 @@ def record_failure_plan(
         yield from _commit_before(group, state, event)
 
 
+def record_hard_timeout_plan(
+    group: str,
+    event: Event,
+    attempts: int,
+    error: tuple[str, str, str],
+    state: LaneState | None,
+) -> Plan[None]:
+    """Record the attempt of a handler past its hard timeout; the process exits next.
+
+    The crash is this event's alone: unless it is inside a crashed range (whose marker must
+    stay), commit the events before it and clear the in-flight marker, since none of the
+    events after it ran (the next owner must not charge them the crash)."""
+    ts = now_ms()
+    yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
+    yield Stmt(_sql.RECORD_FAILURE, (ts, ts, *error, group, event.offset))
+    if state is not None and not state.suspect(event.offset):
+        topic, partition = state.lane
+        yield Stmt(_sql.COMMIT_GROUP_LANE,
+                   (event.offset - 1, None, None, ts, group, topic, partition))  # fmt: skip
+
+
 def _commit_before(group: str, state: LaneState, event: Event) -> Plan[None]:
     topic, partition = state.lane
     state.position = max(state.position, event.offset - 1)

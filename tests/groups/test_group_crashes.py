@@ -104,7 +104,7 @@ def test_event_that_kills_its_process_is_dead_lettered_after_max_attempts_restar
 def restart_until_done(db: Path, journal: Path, members, last: int, bound: int,
                        *options: object) -> int:
     """Start members one after another until the group's position reaches `last`; returns
-    how many died (each must exit 1: the handler's os._exit)."""
+    how many died (each must exit 1, the handler's os._exit, or 70, a hard timeout)."""
     deaths = 0
     for _ in range(bound):
         member = members(db, journal, "--topic", "t", *options)
@@ -114,7 +114,7 @@ def restart_until_done(db: Path, journal: Path, members, last: int, bound: int,
             member.signal(signal.SIGTERM)
             assert member.wait_exit() == 0, member.stderr
             return deaths
-        assert member.wait_exit() == 1, member.stderr
+        assert member.wait_exit() in (1, 70), member.stderr
         deaths += 1
     pytest.fail(f"not done after {deaths} deaths")
 
@@ -144,6 +144,50 @@ def test_two_events_that_kill_their_process_in_one_batch_each_get_max_attempts_c
     ]  # fmt: skip
     for innocent in (offsets[0], offsets[2], offsets[4]):
         assert calls(records, "end", offset=innocent, outcome="ok"), innocent
+
+
+def test_a_hung_event_and_a_killing_event_in_one_batch_each_get_max_attempts_calls(
+    db: Path, journal: Path, members
+) -> None:
+    max_attempts = 3
+    kinds = [{}, {"do": "hang"}, {}, {"do": "exit"}, {}]
+    with eventlog.open_sync(db) as log:
+        offsets = log.append_many([eventlog.Draft("t", {"n": i, **kind})
+                                   for i, kind in enumerate(kinds)])  # fmt: skip
+    deaths = restart_until_done(db, journal, members, offsets[-1], 2 * max_attempts + 3,
+                                "--max-attempts", max_attempts, "--hard-timeout", "0.5",
+                                "--sync-handler")  # fmt: skip
+
+    records = read_journal(journal)
+    for poison in (offsets[1], offsets[3]):
+        got = len(calls(records, "start", offset=poison))
+        assert got == max_attempts, f"offset {poison}: {got} calls, not {max_attempts}"
+    assert deaths == 2 * max_attempts
+    entries = {e["offset"]: e for e in deadletter_entries(db)}
+    assert sorted(entries) == [offsets[1], offsets[3]]
+    assert entries[offsets[1]]["error_type"] == "HardTimeout"
+    assert entries[offsets[3]]["error_type"] == "ProcessDied"
+    assert {e["attempts"] for e in entries.values()} == {max_attempts}
+    for innocent in (offsets[0], offsets[2], offsets[4]):
+        assert calls(records, "end", offset=innocent, outcome="ok"), innocent
+
+
+def test_batch_handler_past_hard_timeout_dead_letters_only_the_hung_event(
+    db: Path, journal: Path, members
+) -> None:
+    with eventlog.open_sync(db) as log:
+        offsets = log.append_many([eventlog.Draft("t", {"n": i, **({"do": "hang"} if i == 2
+                                                                  else {})})
+                                   for i in range(5)])  # fmt: skip
+    restart_until_done(db, journal, members, offsets[-1], 6, "--batch-handler",
+                       "--max-attempts", 1, "--hard-timeout", "0.5")  # fmt: skip
+
+    entries = deadletter_entries(db)
+    assert [(e["offset"], e["error_type"]) for e in entries] == [(offsets[2], "HardTimeout")]
+    records = read_journal(journal)
+    for innocent in offsets[:2] + offsets[3:]:
+        assert calls(records, "end", offset=innocent, outcome="ok"), innocent
+    assert attempt_rows(db) == []
 
 
 @pytest.mark.parametrize("api", ["async", "sync"])
