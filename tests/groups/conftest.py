@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,11 +205,76 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def calls(records: list[dict[str, Any]], phase: str = "start", **match: Any) -> list[dict[str, Any]]:
+def calls(
+    records: list[dict[str, Any]], phase: str = "start", **match: Any
+) -> list[dict[str, Any]]:
+    """The journal records of one phase whose fields equal `match`."""
     return [
         r for r in records
         if r.get("phase") == phase and all(r.get(k) == v for k, v in match.items())
     ]  # fmt: skip
+
+
+def keys_by_partition(partitions: int, per_partition: int) -> dict[int, list[str]]:
+    """Keys whose events land in each partition (crc32 % partitions, as eventlog does)."""
+    found: dict[int, list[str]] = defaultdict(list)
+    i = 0
+    while any(len(found[p]) < per_partition for p in range(partitions)):
+        key = f"k{i}"
+        p = zlib.crc32(key.encode()) % partitions
+        if len(found[p]) < per_partition:
+            found[p].append(key)
+        i += 1
+    return found
+
+
+def intervals(records: list[dict[str, Any]], ended: dict[int, float]) -> dict[int, list[tuple]]:
+    """partition -> [(start, end, pid, offset)] of every handler call. A call its process
+    did not finish (SIGKILLed, or os._exit in the handler) ends at max(start, ended[pid]),
+    the time the kill was sent (or -inf): the process died after both, and nobody else
+    could take the partition before it died."""
+    open_calls: dict[tuple[int, int], dict[str, Any]] = {}
+    found: dict[int, list[tuple]] = defaultdict(list)
+    for r in records:
+        if r["phase"] == "start":
+            assert (r["pid"], r["partition"]) not in open_calls, f"two calls at once: {r}"
+            open_calls[(r["pid"], r["partition"])] = r
+        elif r["phase"] == "end":
+            s = open_calls.pop((r["pid"], r["partition"]))
+            assert s["offset"] == r["offset"]
+            found[r["partition"]].append((s["mono"], r["mono"], r["pid"], r["offset"]))
+    for (pid, partition), s in open_calls.items():
+        assert pid in ended, f"call never ended in a live process: {s}"
+        found[partition].append((s["mono"], max(s["mono"], ended[pid]), pid, s["offset"]))
+    return found
+
+
+def assert_one_owner_at_a_time(records: list[dict[str, Any]], ended: dict[int, float]) -> None:
+    """No two processes ran handlers on one partition at overlapping times."""
+    for partition, spans in intervals(records, ended).items():
+        spans.sort()
+        for i, (start, end, pid, offset) in enumerate(spans):
+            for other in spans[i + 1 :]:
+                if other[0] >= end:
+                    break
+                assert other[2] == pid, (
+                    f"partition {partition}: pid {pid} handled {offset} during"
+                    f" [{start}, {end}] while pid {other[2]} started {other[3]} at {other[0]}"
+                )
+
+
+def assert_key_order_of_first_deliveries(
+    records: list[dict[str, Any]], db: Path, topic: str
+) -> None:
+    first_start: dict[int, float] = {}
+    for r in calls(records, "start"):
+        first_start.setdefault(r["offset"], r["mono"])
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for offset, _, _, key, _ in log_events(db, topic):
+        by_key[key].append(offset)
+    for key, offsets in by_key.items():
+        times = [first_start[o] for o in offsets]
+        assert times == sorted(times), f"key {key}: first deliveries out of order"
 
 
 class Member:

@@ -101,8 +101,9 @@ def test_event_that_kills_its_process_is_dead_lettered_after_max_attempts_restar
     assert attempt_rows(db) == []
 
 
-def restart_until_done(db: Path, journal: Path, members, last: int, bound: int,
-                       *options: object) -> int:
+def restart_until_done(
+    db: Path, journal: Path, members, last: int, bound: int, *options: object
+) -> int:
     """Start members one after another until the group's position reaches `last`; returns
     how many died (each must exit 1, the handler's os._exit, or 70, a hard timeout)."""
     deaths = 0

@@ -277,7 +277,7 @@ def test_sync_consume_acknowledges_and_dead_letters_like_the_async_consumer(db: 
             try:
                 log.consume("g", "t", handle, stop=stop, handle_signals=False, max_attempts=3,
                             **FAST)  # fmt: skip
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
+            except BaseException as exc:
                 failure.append(exc)
 
         thread = threading.Thread(target=consume)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,54 +22,22 @@ import eventlog
 from eventlog import _locks, _members
 
 from .conftest import (
+    assert_key_order_of_first_deliveries,
+    assert_one_owner_at_a_time,
     attempt_rows,
-    running,
-    caught_up,
     calls,
+    caught_up,
     deadletter_entries,
+    keys_by_partition,
     log_events,
     position,
     read_journal,
+    running,
     until,
     wait_until,
 )
 
 PARTITIONS = 6
-
-
-def keys_by_partition(partitions: int, per_partition: int) -> dict[int, list[str]]:
-    """Keys whose events land in each partition (crc32 % partitions, as eventlog does)."""
-    import zlib
-
-    found: dict[int, list[str]] = defaultdict(list)
-    i = 0
-    while any(len(found[p]) < per_partition for p in range(partitions)):
-        key = f"k{i}"
-        p = zlib.crc32(key.encode()) % partitions
-        if len(found[p]) < per_partition:
-            found[p].append(key)
-        i += 1
-    return found
-
-
-def intervals(records: list[dict[str, Any]], killed: dict[int, float]) -> dict[int, list[tuple]]:
-    """partition -> [(start, end, pid, offset)] of every handler call. A call its process
-    did not finish (SIGKILLed) ends at max(start, time the kill was sent): the process died
-    after both, and nobody else could take the partition before it died."""
-    open_calls: dict[tuple[int, int], dict[str, Any]] = {}
-    found: dict[int, list[tuple]] = defaultdict(list)
-    for r in records:
-        if r["phase"] == "start":
-            assert (r["pid"], r["partition"]) not in open_calls, f"two calls at once: {r}"
-            open_calls[(r["pid"], r["partition"])] = r
-        elif r["phase"] == "end":
-            s = open_calls.pop((r["pid"], r["partition"]))
-            assert s["offset"] == r["offset"]
-            found[r["partition"]].append((s["mono"], r["mono"], r["pid"], r["offset"]))
-    for (pid, partition), s in open_calls.items():
-        assert pid in killed, f"call never ended in a live process: {s}"
-        found[partition].append((s["mono"], max(s["mono"], killed[pid]), pid, s["offset"]))
-    return found
 
 
 def latest_lanes(records: list[dict[str, Any]]) -> dict[int, list[list[Any]]]:
@@ -118,16 +85,7 @@ def test_three_members_six_partitions_one_owner_at_a_time_and_failover(
     records = read_journal(journal)
 
     # One owner at a time: no two processes ran handlers on one partition at once.
-    for partition, spans in intervals(records, {victim.pid: killed_at}).items():
-        spans.sort()
-        for i, (start, end, pid, offset) in enumerate(spans):
-            for other in spans[i + 1:]:
-                if other[0] >= end:
-                    break
-                assert other[2] == pid, (
-                    f"partition {partition}: pid {pid} handled {offset} during"
-                    f" [{start}, {end}] while pid {other[2]} started {other[3]} at {other[0]}"
-                )
+    assert_one_owner_at_a_time(records, {victim.pid: killed_at})
 
     # The victim's partitions moved to the survivors, within a generous bound.
     for partition in victim_lanes:
@@ -140,15 +98,7 @@ def test_three_members_six_partitions_one_owner_at_a_time_and_failover(
     stored = log_events(db, "t")
     ok = {r["offset"] for r in calls(records, "end", outcome="ok")}
     assert {row[0] for row in stored} <= ok
-    first_start: dict[int, float] = {}
-    for r in calls(records, "start"):
-        first_start.setdefault(r["offset"], r["mono"])
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for offset, _, _, key, _ in stored:
-        by_key[key].append(offset)
-    for key, offsets in by_key.items():
-        times = [first_start[o] for o in offsets]
-        assert times == sorted(times), f"key {key}: first deliveries out of order"
+    assert_key_order_of_first_deliveries(records, db, "t")
     assert deadletter_entries(db) == []
 
     for p in procs:

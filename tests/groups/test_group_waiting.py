@@ -121,10 +121,11 @@ def test_idle_consumer_holds_no_read_transaction_so_checkpoints_reset_the_wal(
         return 0.0
 
     for round_ in range(2):
-        wait_until(lambda: position(db, "g", "t") == offsets[-1], what="caught up")
+        last = offsets[-1]
+        wait_until(lambda: position(db, "g", "t") == last, what="caught up")  # noqa: B023
         # Idle for a while: several rounds of waiting and rebalancing.
         mark = time.time()
-        wait_until(lambda: heartbeat() > mark + 1.5, what="the member to idle")
+        wait_until(lambda: heartbeat() > mark + 1.5, what="the member to idle")  # noqa: B023
         assert wal_size(db) > 0
         busy, _, _ = checkpoint_truncate(db)
         assert busy == 0, "a read transaction was held open while idle"
