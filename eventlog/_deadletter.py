@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from ._core import check_name
 from ._db import Paths
 from ._locks import FileLock
 from .errors import DeadLetterError, InvalidArgument, NotFound, translate
@@ -204,6 +205,11 @@ def select(
     include_requeued: bool = True,
 ) -> list[DeadLetter]:
     wanted = {check_id(i) for i in ids} if ids is not None else None
+    # a filter that could never match is a mistake worth saying, like everywhere else
+    if group is not None:
+        check_name(group, "group")
+    if topic is not None:
+        check_name(topic, "topic")
     return [
         e
         for e in entries
