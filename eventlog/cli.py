@@ -1346,6 +1346,7 @@ def consume(
                         max_attempts=max_attempts, retry_backoff=retry_backoff,
                         batch_size=batch_size)  # fmt: skip
     finally:
+        stop.set()  # ends the library's stop relay thread
         for sig, old in previous.items():
             signal.signal(sig, old)
     summary = {"group": group, "succeeded": handler.succeeded, "failed": handler.failed}
