@@ -324,7 +324,7 @@ def test_database_replaced_while_a_reader_waits_raises_storage_error(tmp_path: P
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.3)
+        time.sleep(1.0)  # let it start waiting: a waiter opened after the swap sees the new file
         os.replace(other, db)
         waiter.join(20)
         assert not waiter.is_alive(), "the waiter never noticed the file was replaced"
