@@ -1001,7 +1001,7 @@ def replay(
     waiting = {"said": False}
 
     def on_wait(pids: list[str]) -> None:
-        if not waiting["said"] and not s.json:
+        if not waiting["said"]:
             _note(f"waiting for the members of {group} to stop"
                   + (f" (pids {', '.join(pids)})" if pids else ""))  # fmt: skip
             waiting["said"] = True

@@ -723,7 +723,8 @@ def count(db: Path) -> int:
 
 
 def test_prune_keeps_what_a_group_has_not_handled(filled: Path) -> None:
-    consume(filled, "billing", "orders", 6, batch_size=1)
+    consume(filled, "billing", "orders", 10)
+    ok(filled, "replay", "billing", "--to-offset", "7", "--execute")
     assert position(filled, "billing", "orders") == 6
     before = dump(filled)
     (row,) = ok(filled, "--json", "prune", "--keep-last", "2", "--dry-run").rows()
