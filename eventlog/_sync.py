@@ -500,12 +500,13 @@ class SyncLog:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
-                          stacklevel=2)  # fmt: skip
+            # Close first: under -W error the warning raises, and the handles must not leak.
             try:
                 self.close()
             except Exception:  # noqa: BLE001 - best effort during garbage collection
                 pass
+            warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
+                          stacklevel=2)  # fmt: skip
 
 
 def _one(sql: str) -> Plan[list[_core.Row]]:
