@@ -424,10 +424,13 @@ def _target_plan(lane: Lane, before: int | None, spec: ResetSpec, head: int) -> 
     topic, partition = lane
     first = (yield Stmt(_sql.FIRST_OFFSET_IN_LANE, lane))[0][0]
     last = (yield Stmt(_sql.LAST_OFFSET_IN_LANE, lane))[0][0]
-    # An empty lane (never written, or pruned) has nothing to deliver at any position up to
-    # the head: later events get larger offsets.
-    earliest = int(first) - 1 if first is not None else head
-    latest = int(last) if last is not None else head
+    if first is None or last is None:
+        # An empty lane (never written, or pruned) delivers the same from any position up
+        # to the head, since later events get larger offsets: leave a position alone.
+        if before is not None:
+            return before
+        return 0 if spec.kind == "earliest" else head
+    earliest, latest = int(first) - 1, int(last)
     kind = spec.kind
     if kind == "earliest":
         return earliest
@@ -642,7 +645,7 @@ def _keep_last_bound_plan(topic: str, partitions: int, keep: int) -> Plan[int | 
     if partitions == 1:
         rows = yield Stmt(_sql.LANE_OFFSET_BACK, (topic, 0, _NEVER, keep))
         return int(rows[0][0]) if rows else None
-    page = min(max(keep + 1, 16), 2000)
+    page = min(max(keep + 1, 16), 10_000)
     buffers: dict[int, deque[int]] = {}
     exhausted: set[int] = set()
     heap: list[tuple[int, int]] = []
@@ -703,20 +706,23 @@ def _count_upto_plan(lane: Lane, upto: int) -> Plan[int]:
 
 def prune_survey_plan(retention: Retention, force: bool) -> Plan[list[LanePrune]]:
     """Per lane, what retention would delete and what the groups let go of."""
-    rows = yield Stmt(_sql.ALL_TOPIC_PARTITIONS)
+    infos = yield from _core.topics_plan()
     wanted = set(retention.topics) if retention.topics else None
     if wanted:
-        missing = wanted - {str(r[0]) for r in rows}
+        missing = wanted - {t.name for t in infos}
         if missing:
             raise NotFound(f"no topic named {', '.join(sorted(missing))}",
                            hint="list topics with 'eventlog topics'")  # fmt: skip
     lanes: list[LanePrune] = []
-    for topic, partitions in rows:
+    for info in infos:
+        topic, partitions = info.name, info.partitions
         if wanted is not None and topic not in wanted:
             continue
         keep_bound = _NEVER
         if retention.keep_last is not None:
-            found = yield from _keep_last_bound_plan(topic, int(partitions), retention.keep_last)
+            if info.events <= retention.keep_last:
+                continue  # by its counter; a walk would only confirm it
+            found = yield from _keep_last_bound_plan(topic, partitions, retention.keep_last)
             if found is None:
                 continue  # no more events than it keeps
             keep_bound = found
@@ -1043,7 +1049,9 @@ def doctor(
             )
         )
     if not behind_groups:
-        checks.append(Check("lag", "ok", f"{len(per_group)} groups, none {lag_warn}+ behind"))
+        n = len(per_group)
+        checks.append(Check("lag", "ok", f"{n} group{'s' if n != 1 else ''}, none "
+                            f"{lag_warn}+ behind"))  # fmt: skip
     return checks
 
 

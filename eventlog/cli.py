@@ -1022,9 +1022,13 @@ def replay(
            [[ln.topic, ln.partition, ln.before, ln.after if ln.after is not None else ln.before,
              ln.redelivered, ln.skipped, ln.lag_after] for ln in plan.lanes],
            indent="  ")  # fmt: skip
-    verb = "will be" if not plan.executed else "are now to be"
-    typer.echo(f"{plan.redelivered} event{'s' if plan.redelivered != 1 else ''} {verb} "
-               f"redelivered, {plan.skipped} skipped.")  # fmt: skip
+    n = plan.redelivered
+    events = f"{n} event{'s' if n != 1 else ''}"
+    if plan.executed:
+        typer.echo(f"{events} will be redelivered on the group's next run, {plan.skipped} "
+                   "skipped.")  # fmt: skip
+    else:
+        typer.echo(f"{events} would be redelivered, {plan.skipped} skipped.")
     if not plan.executed:
         _note("nothing changed: run again with --execute to apply this plan")
 

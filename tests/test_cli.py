@@ -531,7 +531,11 @@ def test_replay_scoped_to_partitions(db: Path) -> None:
     # a topic the group never read gets positions too (Kafka's tool allows it)
     ok(db, "topics", "create", "refunds")
     (row,) = ok(db, "--json", "replay", "billing", "--to-latest", "--topic", "refunds").rows()
-    assert row["before"] is None
+    assert row["before"] is None and row["after"] == 9
+    ok(db, "replay", "billing", "--to-latest", "--topic", "refunds", "--execute")
+    # an empty partition delivers the same from any position: it is left alone
+    (row,) = ok(db, "--json", "replay", "billing", "--to-earliest", "--topic", "refunds").rows()
+    assert (row["before"], row["after"], row["redelivered"]) == (9, 9, 0)
 
 
 def test_replay_refuses_while_the_group_has_live_members(consumed: Path, live_member: Any) -> None:
