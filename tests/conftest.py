@@ -146,7 +146,9 @@ class SyncProxy:
     def notify(self) -> None:
         self.sync.notify()
 
-    def read(self, topics: Any, *, stop: asyncio.Event | None = None, **kwargs: Any) -> _ThreadIterator:
+    def read(
+        self, topics: Any, *, stop: asyncio.Event | None = None, **kwargs: Any
+    ) -> _ThreadIterator:
         thread_stop = threading.Event() if stop is not None else None
         iterator = self.sync.read(topics, stop=thread_stop, **kwargs)
         it = _ThreadIterator(self, iterator, stop, thread_stop, chunked=not kwargs.get("follow"))
@@ -276,8 +278,16 @@ async def open_log(flavor: str, db_path: Path) -> AsyncIterator[Callable[..., An
 
 
 @pytest.fixture
-async def log(open_log: Callable[..., Any]) -> Any:
-    return await open_log()
+def durability() -> str:
+    """The `log` fixture's durability; a test overrides it with
+    @pytest.mark.parametrize("durability", [...]) (the async shell commits on the loop
+    thread at "normal" and on its worker thread at "full": two paths to cover)."""
+    return "full"
+
+
+@pytest.fixture
+async def log(open_log: Callable[..., Any], durability: str) -> Any:
+    return await open_log(durability=durability)
 
 
 async def collect(iterator: Any, n: int | None = None, timeout: float = 10.0) -> list[Any]:
@@ -437,7 +447,9 @@ class Child:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"child {self.args} did not exit; stderr:\n{self.stderr}") from None
+            raise AssertionError(
+                f"child {self.args} did not exit; stderr:\n{self.stderr}"
+            ) from None
         self._join()
         return code
 

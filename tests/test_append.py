@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dump, events_by_offset, integrity, raw, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eventlog
-from conftest import dump, events_by_offset, integrity, raw, wait_until
+
+both_durabilities = pytest.mark.parametrize("durability", ["full", "normal"])
 
 
+@both_durabilities
 async def test_appends_return_strictly_increasing_offsets(log: Any, db_path: Path) -> None:
     offsets = [await log.append("t", {"i": i}) for i in range(20)]
     assert offsets == sorted(offsets) and len(set(offsets)) == 20
@@ -35,6 +38,7 @@ async def test_offsets_grow_across_topics(log: Any) -> None:
     assert a < b < c
 
 
+@both_durabilities
 async def test_offsets_not_reused_after_topic_emptied(log: Any, db_path: Path) -> None:
     await log.append_many([eventlog.Draft("a", i) for i in range(5)])
     last_b = await log.append("b", "keep")
@@ -45,14 +49,17 @@ async def test_offsets_not_reused_after_topic_emptied(log: Any, db_path: Path) -
     assert await log.head() == again
 
 
-async def test_offsets_not_reused_after_table_emptied(open_log: Any, db_path: Path) -> None:
-    log = await open_log()
+@both_durabilities
+async def test_offsets_not_reused_after_table_emptied(
+    open_log: Any, db_path: Path, durability: str
+) -> None:
+    log = await open_log(durability=durability)
     offsets = await log.append_many([eventlog.Draft("a", i) for i in range(5)])
     await log.close()
     with raw(db_path) as conn:
         conn.execute("DELETE FROM eventlog_events")
         conn.execute("VACUUM")
-    log = await open_log()  # a fresh process would know nothing but the file
+    log = await open_log(durability=durability)  # a fresh process knows only the file
     assert await log.head() == offsets[-1]
     again = await log.append("a", "again")
     assert again > offsets[-1]
@@ -62,12 +69,15 @@ async def test_offsets_not_reused_after_table_emptied(open_log: Any, db_path: Pa
     assert await log.append("b", "once more") > again
 
 
+@both_durabilities
 async def test_concurrent_appends_get_distinct_offsets_and_their_own_payloads(
     log: Any, db_path: Path
 ) -> None:
     # Group commit: 1,000 callers at once; each must get its own event's offset.
     payloads = [{"caller": i, "text": f"payload {i}"} for i in range(1000)]
-    offsets = await asyncio.gather(*(log.append("t", p, key=str(i)) for i, p in enumerate(payloads)))
+    offsets = await asyncio.gather(
+        *(log.append("t", p, key=str(i)) for i, p in enumerate(payloads))
+    )
     assert len(set(offsets)) == 1000
     stored = events_by_offset(db_path)
     assert len(stored) == 1000
@@ -76,6 +86,7 @@ async def test_concurrent_appends_get_distinct_offsets_and_their_own_payloads(
         assert stored[offset][2] == str(i)
 
 
+@both_durabilities
 async def test_concurrent_append_many_batches_stay_contiguous_and_ordered(
     log: Any, db_path: Path
 ) -> None:
@@ -93,6 +104,7 @@ async def test_append_many_of_nothing_writes_nothing(log: Any, db_path: Path) ->
     assert dump(db_path) == before
 
 
+@both_durabilities
 async def test_topic_counters_follow_appends(log: Any) -> None:
     await log.append_many([eventlog.Draft("a", i) for i in range(3)])
     last = await log.append("a", 3)
@@ -130,6 +142,7 @@ def eventlog_now_ms() -> int:
 # -- dedupe keys -------------------------------------------------------------------------------
 
 
+@both_durabilities
 async def test_retried_append_with_same_dedupe_key_returns_first_offset(
     log: Any, db_path: Path
 ) -> None:
@@ -144,6 +157,7 @@ async def test_retried_append_with_same_dedupe_key_returns_first_offset(
     assert info["payments"].events == 2
 
 
+@both_durabilities
 async def test_dedupe_key_within_one_batch_stores_one_row(log: Any, db_path: Path) -> None:
     offsets = await log.append_many([
         eventlog.Draft("p", "a", dedupe_key="k1"),
@@ -158,6 +172,7 @@ async def test_dedupe_key_within_one_batch_stores_one_row(log: Any, db_path: Pat
     assert stored[offsets[0]][3] == "a"
 
 
+@both_durabilities
 async def test_concurrent_appends_with_one_dedupe_key_share_one_offset(
     log: Any, db_path: Path
 ) -> None:
@@ -235,6 +250,7 @@ async def test_same_key_same_partition_across_processes(log: Any, db_path: Path,
     assert mine == theirs
 
 
+@both_durabilities
 async def test_keyless_events_spread_across_partitions(log: Any, db_path: Path) -> None:
     await log.create_topic("clicks", 4)
     await log.append_many([eventlog.Draft("clicks", i) for i in range(40)])
@@ -248,7 +264,10 @@ async def test_keyless_events_spread_across_partitions(log: Any, db_path: Path) 
     assert min(counts.values()) >= 10
 
 
-async def test_create_topic_with_conflicting_partition_count_raises(log: Any, db_path: Path) -> None:
+@both_durabilities
+async def test_create_topic_with_conflicting_partition_count_raises(
+    log: Any, db_path: Path
+) -> None:
     assert await log.create_topic("orders", 4) is True
     assert await log.create_topic("orders", 4) is False
     before = dump(db_path)
@@ -330,6 +349,23 @@ async def test_database_and_sidecar_are_owner_only(open_log: Any, db_path: Path)
         await follower.aclose()
 
 
+@both_durabilities
+async def test_appends_wait_for_another_writer_then_all_commit(log: Any, db_path: Path) -> None:
+    await log.append("t", "first")
+    with raw(db_path) as conn:
+        conn.execute("BEGIN IMMEDIATE")  # another connection holds SQLite's write lock
+        try:
+            tasks = [asyncio.ensure_future(log.append("t", i)) for i in range(20)]
+            done, _ = await asyncio.wait(tasks, timeout=0.2)
+            assert not done, "an append committed while another writer held the lock"
+        finally:
+            conn.execute("COMMIT")
+    offsets = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    stored = events_by_offset(db_path)
+    assert [stored[o][3] for o in offsets] == list(range(20))
+    assert len(set(offsets)) == 20
+
+
 async def test_appends_leave_the_file_intact(log: Any, db_path: Path) -> None:
     for i in range(10):
         await log.append_many([eventlog.Draft(f"t{i % 3}", {"i": i, "j": j}) for j in range(30)])
@@ -344,8 +380,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(10**400), max_value=10**400)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -369,8 +406,9 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+@both_durabilities
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -382,5 +420,7 @@ async def test_any_json_value_round_trips_exactly(log: Any, db_path: Path, value
     read = [e async for e in log.read("json", start=offset, limit=1)]
     assert same(read[0].payload, value)
     with raw(db_path) as conn:
-        (text,) = conn.execute("SELECT payload FROM eventlog_events WHERE id = ?", (offset,)).fetchone()
+        (text,) = conn.execute(
+            "SELECT payload FROM eventlog_events WHERE id = ?", (offset,)
+        ).fetchone()
     assert same(json.loads(text), value)

@@ -84,7 +84,10 @@ async def test_database_with_newer_schema_gives_schema_too_new(
     await log.append("t", 1)
     await log.close()
     with raw(db_path) as conn:
-        conn.execute("INSERT INTO eventlog_schema (version, name, applied_at) VALUES (9999, '9999_future', 0)")
+        conn.execute(
+            "INSERT INTO eventlog_schema (version, name, applied_at)"
+            " VALUES (9999, '9999_future', 0)"
+        )
     before = dump(db_path)
     with pytest.raises(eventlog.SchemaTooNew) as info:
         await open_log()
@@ -152,13 +155,19 @@ def test_hint_can_be_overridden_per_instance() -> None:
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (sqlite3.OperationalError("attempt to write a readonly database"), eventlog.ReadOnlyDatabase),
+        (
+            sqlite3.OperationalError("attempt to write a readonly database"),
+            eventlog.ReadOnlyDatabase,
+        ),
         (sqlite3.OperationalError("unable to open database file"), eventlog.ReadOnlyDatabase),
         (sqlite3.OperationalError("database or disk is full"), eventlog.DiskFull),
         (sqlite3.DatabaseError("file is not a database"), eventlog.NotAnEventlogDatabase),
         (sqlite3.DatabaseError("database disk image is malformed"), eventlog.CorruptDatabase),
         (sqlite3.OperationalError("database is locked"), eventlog.DatabaseBusy),
-        (sqlite3.OperationalError("no such table: eventlog_events"), eventlog.NotAnEventlogDatabase),
+        (
+            sqlite3.OperationalError("no such table: eventlog_events"),
+            eventlog.NotAnEventlogDatabase,
+        ),
         (sqlite3.OperationalError("something else"), eventlog.StorageError),
         (OSError(errno.ENOSPC, "No space left on device"), eventlog.DiskFull),
         (OSError(errno.EACCES, "Permission denied"), eventlog.ReadOnlyDatabase),

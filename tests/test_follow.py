@@ -5,6 +5,7 @@ event that committed before it started waiting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import collect, raw, wait_until
 
 import eventlog
-from conftest import collect, raw, wait_until
 
 # Generous on purpose: machines are noisy. Wake-ups take about a millisecond here.
 PROMPT_S = 2.0
@@ -37,10 +38,10 @@ class Following:
 
     async def stop(self) -> None:
         self.stop_event.set()
-        try:
+        with contextlib.suppress(
+            StopAsyncIteration, asyncio.CancelledError, eventlog.EventlogError
+        ):
             await asyncio.wait_for(self.pending, 10)
-        except (StopAsyncIteration, asyncio.CancelledError, eventlog.EventlogError):
-            pass
         await self.iterator.aclose()
 
 
@@ -196,7 +197,9 @@ async def test_wait_for_sees_event_committed_before_waiting(log: Any) -> None:
 async def test_wait_for_matches_and_times_out(log: Any) -> None:
     head = await log.head()
     await log.append_many([eventlog.Draft("jobs", {"job": i}) for i in range(5)])
-    result = await log.wait_for("jobs", after=head, match=lambda e: e.payload["job"] == 3, timeout=5)
+    result = await log.wait_for(
+        "jobs", after=head, match=lambda e: e.payload["job"] == 3, timeout=5
+    )
     assert result.event.payload == {"job": 3}
     started = time.monotonic()
     result = await log.wait_for("jobs", timeout=0.2)  # after defaults to the head now

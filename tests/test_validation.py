@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import collect, dump
 
 import eventlog
-from conftest import collect, dump
 from eventlog import Draft
 
 LIMIT = 64  # a small payload limit (bytes of JSON) for the size tests

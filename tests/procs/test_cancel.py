@@ -9,8 +9,10 @@ import random
 import sqlite3
 from pathlib import Path
 
-import eventlog
+import pytest
 from conftest import events_by_offset, integrity, raw
+
+import eventlog
 from eventlog._locks import is_locked
 
 ROUNDS = 300
@@ -31,10 +33,13 @@ async def cancel_at_random(rng: random.Random, coro) -> object:
         return None
 
 
-async def test_cancelled_appends_leave_no_transaction_open(db_path: Path, spawn) -> None:
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_cancelled_appends_leave_no_transaction_open(
+    db_path: Path, spawn, durability: str
+) -> None:
     rng = random.Random(1234)
     returned: dict[int, object] = {}
-    async with eventlog.open(db_path) as log:
+    async with eventlog.open(db_path, durability=durability) as log:
         other = spawn(db_path, "serve", json.dumps({"busy_timeout": 5}))
         other.wait_ready()
         with raw(db_path, timeout=0.5) as conn:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import events_by_offset, integrity
 
 import eventlog
-from conftest import events_by_offset, integrity
 
 
 def run_in_child(body: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -122,6 +122,31 @@ def test_sync_log_keeps_working_in_parent_and_reopens_in_forked_child(db_path: P
     for offset, (who, i) in expected.items():
         assert stored[offset][3] == {"who": who, "i": i}
     assert integrity(db_path) == ["ok"]
+
+
+def test_forked_child_does_not_share_the_parents_handles(db_path: Path) -> None:
+    with eventlog.open_sync(db_path) as log:
+        log.append("t", 1)
+        parent_conn = log._conn
+        # The parent holds the write lock while the child starts. A child still using the
+        # inherited descriptor would share the parent's flock (it belongs to the open file
+        # description) and "get" it too: two writers at once.
+        log._write_lock.acquire()
+        try:
+
+            def child() -> dict[str, Any]:
+                head = log.head()  # first use in the child: reopens
+                return {
+                    "head": head,
+                    "new_connection": log._conn is not parent_conn,
+                    "lock_free_for_child": log._write_lock.acquire(blocking=False),
+                }
+
+            result = run_in_child(child).result()
+        finally:
+            log._write_lock.release()
+        assert result == {"head": 1, "new_connection": True, "lock_free_for_child": False}
+        assert log.append("t", 2) == 2  # the parent's handles still work
 
 
 async def test_async_log_refuses_use_in_forked_child(db_path: Path) -> None:

@@ -8,9 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import events_by_offset, integrity
 
 import eventlog
-from conftest import events_by_offset, integrity
 
 ROUNDS = 3
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import eventlog
 from conftest import events_by_offset, integrity
+
+import eventlog
 
 PRODUCERS = 4
 PER_PRODUCER = 2000
@@ -17,13 +18,20 @@ def test_concurrent_producers_get_unique_increasing_offsets_in_their_own_order(
     db_path: Path, spawn
 ) -> None:
     # Two producers on each API; all of them open the brand-new file at the same moment.
-    children = [
-        spawn(db_path, "append", json.dumps({
-            "topic": "orders", "count": PER_PRODUCER, "producer": p, "gate": True,
+    # One async producer uses durability "normal", where the async shell commits on the
+    # loop thread: both of its write paths contend.
+    options = [
+        {
+            "topic": "orders",
+            "count": PER_PRODUCER,
+            "producer": p,
+            "gate": True,
             "api": "async" if p % 2 else "sync",
-        }))  # fmt: skip
+            "durability": "normal" if p % 4 == 3 else "full",
+        }
         for p in range(PRODUCERS)
     ]
+    children = [spawn(db_path, "append", json.dumps(o)) for o in options]
     for child in children:
         child.wait_ready()
     for child in children:
