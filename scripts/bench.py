@@ -118,8 +118,8 @@ QUICK_SIZES = Sizes(
     procs=4,
     contend_full=300,
     contend_normal=1_000,
-    peer_put=2_000,
-    peer_consume=1_000,
+    peer_put=1_000,
+    peer_consume=500,
     peer_batch=10_000,
 )
 
@@ -1298,7 +1298,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes (under a minute on a quiet machine)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (3)")
     parser.add_argument(
         "--only",
