@@ -471,7 +471,11 @@ class Consumer:
         delay = self.config.retry_backoff or 0.1
         while True:
             try:
-                await asyncio.to_thread(self._deadletters.append, entry)
+                # once: a member that died between an earlier append and the commit after it
+                # left this event's entry already; it is not written twice.
+                entry = await asyncio.to_thread(
+                    self._deadletters.append, entry, once=state is not None
+                )
                 break
             except DeadLetterError as exc:
                 # Never move past an event that is not safely parked: keep trying.
@@ -604,7 +608,7 @@ def _exit_after_hard_timeout(
         if not held.batch:
             conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
                                check_same_thread=False)  # fmt: skip
-            lock = FileLock(paths.write_lock)
+            lock = FileLock(paths.write_lock, timeout=10.0)
             _db.drive(conn, _groups.record_hard_timeout_plan(group, event, held.attempts, error,
                                                              held.state), "write", lock)  # fmt: skip
     except Exception:

@@ -23,6 +23,10 @@ from ._db import Paths
 from ._locks import FileLock
 from .errors import DeadLetterError, InvalidArgument, NotFound, translate
 
+# A dead-letter write waits this long for another process's write or rewrite, then fails
+# (the consumer keeps the event and retries): a stuck holder must not hang a consumer.
+LOCK_TIMEOUT_S = 10.0
+
 _ID_RE = re.compile(r"[0-9a-f]{12}")
 
 
@@ -91,17 +95,25 @@ class DeadLetterFile:
 
     def _locked(self) -> FileLock:
         try:
-            return FileLock(self.lock_path)
+            return FileLock(self.lock_path, timeout=LOCK_TIMEOUT_S)
         except OSError as exc:
             raise DeadLetterError(f"cannot open {self.lock_path}: {exc}") from exc
 
-    def append(self, entry: DeadLetter) -> None:
-        """Append one line and fsync it; raises DeadLetterError if it cannot be made durable."""
+    def append(self, entry: DeadLetter, *, once: bool = False) -> DeadLetter:
+        """Append one line and fsync it; raises DeadLetterError if it cannot be made durable.
+
+        With `once`, an entry already in the file for the same group and offset, not
+        requeued, stands for this one (its writer died before it could commit past the
+        event): nothing is written, and that entry is returned."""
         line = json.dumps(entry.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")
         lock = self._locked()
         try:
             with lock:
+                if once:
+                    earlier = self._pending_entry(entry.group, entry.offset)
+                    if earlier is not None:
+                        return earlier
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                              0o600)  # fmt: skip
                 try:
@@ -122,6 +134,24 @@ class DeadLetterFile:
             ) from exc
         finally:
             lock.close()
+        return entry
+
+    def _pending_entry(self, group: str, offset: int) -> DeadLetter | None:
+        """The last entry for (group, offset) not requeued yet (call under the lock)."""
+        try:
+            with open(self.path, "rb") as f:
+                content = f.read()
+        except FileNotFoundError:
+            return None
+        found = None
+        for raw in content.splitlines():
+            try:
+                entry = DeadLetter.from_dict(json.loads(raw))
+            except (ValueError, TypeError):
+                continue
+            if entry.group == group and entry.offset == offset and entry.requeued_at_ms is None:
+                found = entry
+        return found
 
     def read(self) -> Listing:
         listing = Listing()

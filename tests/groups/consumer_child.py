@@ -23,6 +23,8 @@ What a handler does is chosen by the event's payload (a JSON object; anything el
 `--sleep S` adds S seconds to every call (so that calls have a visible duration).
 `--stall-after-batch`: after handling a batch, before its commit, journal "stalled" and
 wait forever (for a test that SIGKILLs between handling and commit).
+`--die-after-dead-letter`: os._exit(9) right after a dead-letter line was written (before
+the position moves past the event).
 Exit status: 0 after a graceful stop, 3 if the consumer raised.
 """
 
@@ -38,7 +40,7 @@ import time
 from typing import Any
 
 import eventlog
-from eventlog import _consumer
+from eventlog import _consumer, _deadletter
 
 JOURNAL_FD = -1
 
@@ -190,6 +192,17 @@ def install_hooks(args: argparse.Namespace) -> None:
 
     _consumer.Consumer._rebalance = hooked_rebalance  # type: ignore[method-assign]
 
+    if args.die_after_dead_letter:
+        append = _deadletter.DeadLetterFile.append
+
+        def append_then_die(self: Any, entry: Any, **kw: Any) -> Any:
+            written = append(self, entry, **kw)
+            journal({"phase": "dead-lettered", "offset": entry.offset})
+            os._exit(9)
+            return written
+
+        _deadletter.DeadLetterFile.append = append_then_die  # type: ignore[method-assign]
+
     if args.stall_after_batch:
         handle_batch = _consumer.Consumer._handle_batch
 
@@ -248,6 +261,7 @@ def main() -> int:
     parser.add_argument("--start", default="earliest")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--stall-after-batch", action="store_true")
+    parser.add_argument("--die-after-dead-letter", action="store_true")
     args = parser.parse_args()
     if not args.topics:
         parser.error("give at least one --topic")

@@ -191,6 +191,32 @@ def test_batch_handler_past_hard_timeout_dead_letters_only_the_hung_event(
     assert attempt_rows(db) == []
 
 
+def test_death_between_dead_letter_and_commit_does_not_dead_letter_twice(
+    db: Path, journal: Path, members
+) -> None:
+    with eventlog.open_sync(db) as log:
+        offsets = log.append_many(
+            [eventlog.Draft("t", {"n": i, **({"do": "raise"} if i == 1 else {})}) for i in range(3)]
+        )
+    options = ["--topic", "t", "--max-attempts", "2"]
+    first = members(db, journal, *options, "--die-after-dead-letter")
+    assert first.wait_exit() == 9, first.stderr
+    assert [e["offset"] for e in deadletter_entries(db)] == [offsets[1]]
+    assert position(db, "g", "t") == offsets[0]  # died before moving past it
+
+    second = members(db, journal, *options)
+    second.wait_ready()
+    wait_until(lambda: position(db, "g", "t") == offsets[-1], what="the rest handled")
+    entries = deadletter_entries(db)
+    assert [(e["offset"], e["attempts"]) for e in entries] == [(offsets[1], 2)]
+    records = read_journal(journal)
+    assert len(calls(records, "start", offset=offsets[1])) == 2
+    assert calls(records, "end", offset=offsets[2], outcome="ok", pid=second.pid)
+    assert attempt_rows(db) == []
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit() == 0, second.stderr
+
+
 @pytest.mark.parametrize("api", ["async", "sync"])
 def test_sigterm_finishes_the_event_in_hand_commits_and_releases(
     db: Path, journal: Path, members, api: str
