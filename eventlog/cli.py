@@ -867,8 +867,7 @@ def groups_delete(
             and _interactive()
             and not typer.confirm(f"Delete group {group} and all its positions?", default=False)
         ):
-            _note("aborted; nothing deleted")
-            raise typer.Exit(1)
+            raise EventlogError("aborted; nothing deleted", hint="answer y, or pass --yes")
         deleted = log.delete_group(group)
     if s.json:
         _emit({"group": group, "deleted_positions": deleted})
@@ -1266,8 +1265,7 @@ def dlq_purge(
                     f"Purge {n} dead letter{'s' if n != 1 else ''} for good?", default=False
                 )
             ):
-                _note("aborted; nothing purged")
-                raise typer.Exit(1)
+                raise EventlogError("aborted; nothing purged", hint="answer y, or pass --yes")
             chosen = log.purge_dead_letters([e.id for e in chosen])
     _dead_action_rows(s, chosen, ("purge", "purged"), dry_run)
 

@@ -683,6 +683,25 @@ def test_dlq_purge(filled: Path) -> None:
     fails(1, filled, "dlq", "purge", "--id", first)
 
 
+def test_purge_and_group_delete_ask_first_on_a_terminal(filled: Path, monkeypatch: Any) -> None:
+    import eventlog.cli
+
+    monkeypatch.setattr(eventlog.cli, "_interactive", lambda: True)
+    add_dead_letter(filled, "billing", "orders", 3)
+    consume(filled, "billing", "orders", 10)
+    before_file, before_db = Paths.for_db(filled).deadletter.read_bytes(), dump(filled)
+    run = fails(1, filled, "dlq", "purge", "--all", input="n\n")
+    assert "Purge 1 dead letter for good?" in run.out and "nothing purged" in run.err
+    run = fails(1, filled, "groups", "delete", "billing", input="\n")  # the default is no
+    assert "nothing deleted" in run.err
+    assert Paths.for_db(filled).deadletter.read_bytes() == before_file
+    assert dump(filled) == before_db
+    ok(filled, "dlq", "purge", "--all", input="y\n")
+    ok(filled, "groups", "delete", "billing", input="y\n")
+    assert ok(filled, "--json", "dlq", "list").rows() == []
+    assert sql(filled, "SELECT count(*) FROM eventlog_group_offsets") == [(0,)]
+
+
 # -- stats --------------------------------------------------------------------------------------
 
 
@@ -878,6 +897,9 @@ def test_demo_calls_run_demo(monkeypatch: Any, tmp_path: Path) -> None:
     monkeypatch.setattr(demo, "run_demo", fake)
     assert cli(None, "demo", "--quick", "--dir", tmp_path).code == 3
     assert calls == [(tmp_path, True)]
+    fails(2, None, "demo", "--dir")
+    fails(2, None, "demo", "--slowly")
+    assert len(calls) == 1
 
 
 # -- parsing ------------------------------------------------------------------------------------

@@ -318,10 +318,12 @@ def test_replay_refuses_a_live_consumer_then_redelivers_exactly_the_plan(
     assert positions(db, "billing")[("orders", 0)] == 6
 
     again_out = tmp_path / "again.txt"
-    again = start(db, "consume", "billing", "orders", "--", sys.executable, recorder,
+    again = start(db, "--json", "consume", "billing", "orders", "--", sys.executable, recorder,
                   env={"OUT": str(again_out)})  # fmt: skip
     poll(lambda: positions(db, "billing").get(("orders", 0)) == 10, what="the replay")
     assert again.interrupt() == 0
+    summary = json.loads(again.err.strip().splitlines()[-1])
+    assert summary == {"group": "billing", "succeeded": 4, "failed": 0}
     assert recorded(again_out) == [7, 8, 9, 10]  # exactly the planned range
     assert recorded(first_out) == list(range(1, 11))
 
