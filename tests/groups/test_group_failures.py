@@ -142,10 +142,10 @@ async def test_unwritable_dead_letter_file_holds_the_position_until_it_can_be_wr
         refused = 0
         append = consumer._deadletters.append
 
-        def counting_append(entry: Any) -> None:
+        def counting_append(entry: Any, **options: Any) -> Any:
             nonlocal refused
             try:
-                append(entry)
+                return append(entry, **options)
             except DeadLetterError:
                 refused += 1
                 raise
