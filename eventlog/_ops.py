@@ -230,10 +230,20 @@ def stats_plan(now_ms: int) -> Plan[tuple[int, int, list[TopicStats], list[LaneL
             info.name, info.partitions, info.events, info.first_offset, info.last_offset,
             info.created_at_ms, info.last_append_ms, recent, recent_exact,
         ))  # fmt: skip
+    lags = yield from lags_plan()
+    return head, version, topics, lags
+
+
+def lags_plan(group: str | None = None) -> Plan[list[LaneLag]]:
+    """Every group's (or one group's) position and lag per lane, lag counted up to LAG_CAP
+    and estimated beyond: fast on any log (LanePosition from the library counts exactly)."""
+    if group is None:
+        rows = yield Stmt(_sql.LIST_GROUP_LANES)
+    else:
+        rows = yield Stmt(_sql.GROUP_LANES, (group,))
     lags: list[LaneLag] = []
     lane_heads: dict[Lane, int | None] = {}
-    group_rows = yield Stmt(_sql.LIST_GROUP_LANES)
-    for group, topic, partition, position, inflight_from, inflight_to, updated_at in group_rows:
+    for name, topic, partition, position, inflight_from, inflight_to, updated_at in rows:
         lane = (str(topic), int(partition))
         if lane not in lane_heads:
             last = (yield Stmt(_sql.LAST_OFFSET_IN_LANE, lane))[0][0]
@@ -241,9 +251,9 @@ def stats_plan(now_ms: int) -> Plan[tuple[int, int, list[TopicStats], list[LaneL
         lane_head = lane_heads[lane]
         lag, exact = yield from lane_count_after_plan(lane, int(position), lane_head)
         in_flight = (int(inflight_from), int(inflight_to)) if inflight_from is not None else None
-        lags.append(LaneLag(str(group), lane[0], lane[1], int(position), int(lane_head or 0),
+        lags.append(LaneLag(str(name), lane[0], lane[1], int(position), int(lane_head or 0),
                             lag, exact, in_flight, int(updated_at)))  # fmt: skip
-    return head, version, topics, lags
+    return lags
 
 
 def dead_letter_counts(paths: _db.Paths) -> DeadLetterCounts:

@@ -401,7 +401,8 @@ def test_topics_create(db: Path) -> None:
 
 # -- groups -------------------------------------------------------------------------------------
 
-POSITION_FIELDS = {"topic", "partition", "position", "head", "lag", "in_flight", "updated_at_ms"}
+POSITION_FIELDS = {"topic", "partition", "position", "head", "lag", "lag_exact", "in_flight",
+                   "updated_at_ms"}  # fmt: skip
 MEMBER_FIELDS = {"member", "pid", "host", "alive", "partitions", "heartbeat_age_s", "stale"}
 
 
@@ -411,7 +412,8 @@ def test_groups_show_positions_lag_and_members(filled: Path, live_member: Any) -
         log.append_many([eventlog.Draft("orders", {"n": i}) for i in range(3)])
     live_member("billing")
     (group,) = ok(filled, "--json", "groups").rows()
-    assert set(group) == {"group", "lag", "members", "stale_member_files", "positions"}
+    assert set(group) == {"group", "lag", "lag_exact", "members", "stale_member_files",
+                          "positions"}  # fmt: skip
     assert group["group"] == "billing" and group["lag"] == 3
     assert set(group["positions"][0]) == POSITION_FIELDS
     assert group["positions"][0]["position"] == 10 and group["positions"][0]["head"] == 13
@@ -734,6 +736,11 @@ def test_stats_estimates_lag_beyond_the_count_cap(db: Path, monkeypatch: Any) ->
     (lag,) = ok(db, "--json", "stats").rows()[0]["lags"]
     assert lag["lag"] == 300 and not lag["exact"]
     assert "~300" in ok(db, "stats").out
+    (group,) = ok(db, "--json", "groups").rows()
+    assert (group["lag"], group["lag_exact"]) == (300, False)
+    assert "lag ~300" in ok(db, "groups").out
+    (shown,) = ok(db, "--json", "groups", "show", "late").rows()
+    assert (shown["lag"], shown["lag_exact"]) == (300, True)
 
 
 # -- prune --------------------------------------------------------------------------------------
