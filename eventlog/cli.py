@@ -1017,6 +1017,7 @@ def replay(
     with _open(s) as log:
         plan = _ops.replay(log, group, spec, scope, execute=execute, wait=wait,
                            wait_timeout=wait_timeout, on_wait=on_wait)  # fmt: skip
+        live = [] if execute else _ops.live_member_pids(log, group)
     if s.json:
         for lane in plan.lanes:
             _emit({"group": group, "topic": lane.topic, "partition": lane.partition,
@@ -1039,6 +1040,9 @@ def replay(
         typer.echo(f"{events} would be redelivered, {plan.skipped} skipped.")
     if not plan.executed:
         _note("nothing changed: run again with --execute to apply this plan")
+        if live:
+            _note(f"note: the group has live members (pids {', '.join(live)}); --execute "
+                  "will refuse until they stop (or wait for them with --wait)")  # fmt: skip
 
 
 # -- dead letters -------------------------------------------------------------------------------
