@@ -88,7 +88,7 @@ class AsyncLog:
         paths = self.paths
         _db.check_filesystem(paths, self._allow_network_fs)
         _db.prepare_files(paths, create=self._create)
-        self._write_lock = FileLock(paths.write_lock)
+        self._write_lock = FileLock(paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(paths.wake_folder)
         if self.durability == "normal":
             # A commit at synchronous=NORMAL does not fsync: when the lock is free it takes

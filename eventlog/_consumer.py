@@ -460,8 +460,11 @@ class Consumer:
         last_failed = row[2] if row else None
         if error is None:
             error = ("ProcessDied", "the process died while this event was being handled", "")
+        dead_letter_id = await self._run_write(
+            _groups.choose_dead_letter_id_plan(self.group, event, new_id())
+        )
         entry = DeadLetter(
-            id=new_id(), group=self.group, topic=event.topic, partition=event.partition,
+            id=dead_letter_id, group=self.group, topic=event.topic, partition=event.partition,
             offset=event.offset, key=event.key, payload=event.payload,
             headers=dict(event.headers), event_time_ms=event.timestamp_ms, attempts=attempts,
             first_failed_at_ms=first_failed, last_failed_at_ms=last_failed,
@@ -472,10 +475,8 @@ class Consumer:
         while True:
             try:
                 # once: a member that died between an earlier append and the commit after it
-                # left this event's entry already; it is not written twice.
-                entry = await asyncio.to_thread(
-                    self._deadletters.append, entry, once=state is not None
-                )
+                # left this episode's line (same id) already; it is not written twice.
+                entry = await asyncio.to_thread(self._deadletters.append, entry, once=True)
                 break
             except DeadLetterError as exc:
                 # Never move past an event that is not safely parked: keep trying.

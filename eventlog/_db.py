@@ -207,9 +207,13 @@ def drive(
     try:
         if mode == "write":
             if write_lock is not None:
-                if not write_lock.acquire(blocking=wait):
+                locked = write_lock.acquire(blocking=wait)
+                if not locked and not wait:
                     raise WouldBlock
-                locked = True
+                if not locked:
+                    # The flock only shortens waits; SQLite's own lock still serialises
+                    # writers, so a stuck holder costs busy_timeout, not a hang.
+                    log.warning("%s stayed locked; writing without it", write_lock.path)
             try:
                 conn.execute(_sql.BEGIN_WRITE)
             except sqlite3.OperationalError as exc:

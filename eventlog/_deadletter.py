@@ -102,16 +102,16 @@ class DeadLetterFile:
     def append(self, entry: DeadLetter, *, once: bool = False) -> DeadLetter:
         """Append one line and fsync it; raises DeadLetterError if it cannot be made durable.
 
-        With `once`, an entry already in the file for the same group and offset, not
-        requeued, stands for this one (its writer died before it could commit past the
-        event): nothing is written, and that entry is returned."""
+        With `once`, an entry already in the file with the same id stands for this one (its
+        writer died before it could commit past the event): nothing is written, and that
+        entry is returned."""
         line = json.dumps(entry.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
         data = line.encode("utf-8")
         lock = self._locked()
         try:
             with lock:
                 if once:
-                    earlier = self._pending_entry(entry.group, entry.offset)
+                    earlier = self._entry_with_id(entry.id)
                     if earlier is not None:
                         return earlier
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -136,22 +136,24 @@ class DeadLetterFile:
             lock.close()
         return entry
 
-    def _pending_entry(self, group: str, offset: int) -> DeadLetter | None:
-        """The last entry for (group, offset) not requeued yet (call under the lock)."""
+    def _entry_with_id(self, dead_letter_id: str) -> DeadLetter | None:
+        """The entry with this id, if the file has it (call under the lock)."""
         try:
             with open(self.path, "rb") as f:
                 content = f.read()
         except FileNotFoundError:
             return None
-        found = None
+        needle = f'"id":"{dead_letter_id}"'.encode()
         for raw in content.splitlines():
+            if needle not in raw:
+                continue
             try:
                 entry = DeadLetter.from_dict(json.loads(raw))
             except (ValueError, TypeError):
                 continue
-            if entry.group == group and entry.offset == offset and entry.requeued_at_ms is None:
-                found = entry
-        return found
+            if entry.id == dead_letter_id:
+                return entry
+        return None
 
     def read(self) -> Listing:
         listing = Listing()

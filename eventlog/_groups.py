@@ -193,6 +193,14 @@ def event_attempt_plan(group: str, offset: int) -> Plan[Row | None]:
     return rows[0] if rows else None
 
 
+def choose_dead_letter_id_plan(group: str, event: Event, new_id: str) -> Plan[str]:
+    """The id this failure episode's dead-letter line has (or gets): committed before the
+    line is written, so a retry after a crash writes no second line."""
+    rows = yield Stmt(_sql.CHOOSE_DEAD_LETTER_ID,
+                      (group, event.offset, event.topic, event.partition, new_id))  # fmt: skip
+    return str(rows[0][0])
+
+
 def finish_event_plan(group: str, event: Event, state: LaneState | None) -> Plan[None]:
     """The event succeeded or was dead-lettered: forget its attempts; commit past it."""
     yield Stmt(_sql.CLEAR_ATTEMPTS, (group, event.offset))

@@ -144,7 +144,15 @@ LANE_ATTEMPTS = (
 )
 EVENT_ATTEMPT = (
     "SELECT attempts, first_failed_at, last_failed_at, error_type, error_message,"
-    " error_traceback FROM eventlog_attempts WHERE group_name = ? AND event_offset = ?"
+    " error_traceback, dead_letter_id FROM eventlog_attempts"
+    " WHERE group_name = ? AND event_offset = ?"
+)
+# Only if unset: the id of the first try to park this failure episode stands.
+CHOOSE_DEAD_LETTER_ID = (
+    "INSERT INTO eventlog_attempts (group_name, event_offset, topic, partition, attempts,"
+    " dead_letter_id) VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (group_name, event_offset)"
+    " DO UPDATE SET dead_letter_id = coalesce(dead_letter_id, excluded.dead_letter_id)"
+    " RETURNING dead_letter_id"
 )
 # Written before a suspect event's handler runs, so a crash inside it still counts.
 START_ATTEMPT = (

@@ -157,7 +157,7 @@ class SyncLog:
             self.paths, durability=self.durability, busy_timeout_ms=self._busy_ms,
             check_same_thread=False,
         )  # fmt: skip
-        self._write_lock = FileLock(self.paths.write_lock)
+        self._write_lock = FileLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(self.paths.wake_folder)
 
     def _close_handles(self) -> None:

@@ -55,6 +55,9 @@ CREATE TABLE eventlog_attempts (
     error_type      TEXT,
     error_message   TEXT,
     error_traceback TEXT,
+    -- chosen before the dead-letter line is written: a member dying between that write and
+    -- the commit leaves it here, and the next owner finds its line instead of adding one
+    dead_letter_id  TEXT,
     PRIMARY KEY (group_name, event_offset)
 ) WITHOUT ROWID;
 

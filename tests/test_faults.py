@@ -465,15 +465,11 @@ def foreign_holder(path: Path) -> Iterator[subprocess.Popen[str]]:
             proc.stdout.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the sidecar write lock is taken with a blocking flock and no timeout, "
-    "so an append waits forever on a holder that never releases (a stopped process), where "
-    "plain SQLite would raise DatabaseBusy after busy_timeout. Polling with LOCK_NB instead "
-    "starves waiters behind a producer appending in a loop; the fix needs a bounded blocking "
-    "wait (a helper thread that hands the lock over).",
-)
-def test_write_lock_held_by_a_foreign_process_gives_database_busy(tmp_path: Path) -> None:
+def test_write_lock_held_by_a_foreign_process_delays_an_append_by_busy_timeout_only(
+    tmp_path: Path,
+) -> None:
+    """The sidecar flock only shortens waits; a holder that never lets go (a stopped
+    process) costs busy_timeout, then the append goes through on SQLite's own lock."""
     db = tmp_path / "app.db"
     acked = make_log(db)
     outcome: list[Any] = []
@@ -490,12 +486,11 @@ def test_write_lock_held_by_a_foreign_process_gives_database_busy(tmp_path: Path
             worker.start()
             worker.join(6)  # busy_timeout is 1 s
             hung = worker.is_alive()
-        worker.join(15)  # the holder is gone: a hung append finishes now
+        worker.join(15)
         assert not hung, "append waited on a foreign lock holder far past busy_timeout"
-        assert isinstance(outcome[0], eventlog.DatabaseBusy), outcome
-        assert outcome[0].hint
-        log.append("t", {"i": 100})  # the holder died: recovers
-    assert len(events(db)) == len(acked) + 1
+        assert isinstance(outcome[0], int), outcome
+        log.append("t", {"i": 100})
+    assert len(events(db)) == len(acked) + 2
 
 
 def test_lane_lock_held_by_a_foreign_process_is_skipped_until_it_dies(tmp_path: Path) -> None:
