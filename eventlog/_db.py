@@ -176,13 +176,36 @@ def connect(
         for pragma in _sql.PRAGMAS:
             if read_only and "journal" in pragma:
                 continue
-            conn.execute(
-                pragma.format(busy_timeout_ms=busy_timeout_ms, synchronous=durability.upper())
-            ).fetchall()
+            sql = pragma.format(busy_timeout_ms=busy_timeout_ms, synchronous=durability.upper())
+            if "journal_mode" in sql:
+                _retry_busy(conn, sql, busy_timeout_ms)
+            else:
+                conn.execute(sql).fetchall()
     except sqlite3.Error as exc:
         conn.close()
         raise translate(exc) from exc
     return conn
+
+
+def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> None:
+    """Run a statement that SQLite fails with SQLITE_BUSY without calling the busy handler.
+
+    Switching a fresh file to WAL takes an exclusive lock, and SQLite does not wait for it
+    (two connections upgrading from a shared lock would deadlock): a process opening a
+    brand-new file at the same moment as another gets "database is locked" at once. Once the
+    other has switched the file, the pragma is a no-op, so retrying within busy_timeout ends.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.001
+    while True:
+        try:
+            conn.execute(sql).fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class WouldBlock(Exception):

@@ -4,6 +4,7 @@ a failing one changes nothing; an app's own tables are left alone; newer files a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from pathlib import Path
@@ -121,6 +122,28 @@ async def test_application_tables_in_the_same_file_are_left_alone(
     with raw(db_path) as conn:
         assert conn.execute("SELECT * FROM orders").fetchall() == [(1, 9.5)]
     assert integrity(db_path) == ["ok"]
+
+
+async def test_open_waits_while_another_connection_writes_a_fresh_file(
+    open_log: Any, db_path: Path
+) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock; while another connection holds
+    # the reserved lock SQLite returns "locked" without calling the busy handler (it would
+    # deadlock). Without waiting of its own, this open failed with DatabaseBusy at once: what
+    # two processes opening a brand-new file at the same moment ran into now and then.
+    with raw(db_path) as conn:
+        # a reserved lock on a file still in rollback mode: the other process is mid-write
+        conn.execute("BEGIN IMMEDIATE")
+        opening = asyncio.ensure_future(open_log())
+        done, _ = await asyncio.wait({opening}, timeout=0.3)
+        if done:
+            opening.result()  # raises what went wrong
+            raise AssertionError("opened while another connection held the write lock")
+        conn.execute("COMMIT")
+    log = await asyncio.wait_for(opening, 10)
+    await log.append("t", 1)
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_split_statements_refuses_an_incomplete_statement() -> None:
