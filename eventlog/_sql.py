@@ -227,3 +227,16 @@ PRUNE_LANE_CHUNK = (
 # Starts the read transaction a backup copies from: one snapshot, so concurrent commits
 # neither restart the copy nor leak into it.
 BACKUP_SNAPSHOT = "SELECT count(*) FROM sqlite_schema"
+
+# -- web --------------------------------------------------------------------------------------
+# Statements of eventlog/web (the dashboard's browse view). Only appended to.
+
+# Browsing a lane between two offsets, either way: (after, through], oldest or newest first.
+READ_LANE_RANGE = (
+    f"SELECT {EVENT_COLUMNS} FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?"
+)
+READ_LANE_RANGE_DESC = (
+    f"SELECT {EVENT_COLUMNS} FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id > ? AND id <= ? ORDER BY id DESC LIMIT ?"
+)
