@@ -90,14 +90,6 @@ class AsyncLog:
         _db.prepare_files(paths, create=self._create)
         self._write_lock = FileLock(paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(paths.wake_folder)
-        if self.durability == "normal":
-            # A commit at synchronous=NORMAL does not fsync: when the lock is free it takes
-            # less time on the loop thread than one hop to the worker thread. Checkpoints
-            # (which do fsync) are left to the worker thread. The lock file is opened again
-            # so that the two threads' flocks exclude each other.
-            self._fast_lock = FileLock(paths.write_lock)
-            self._fast_conn = _db.connect(paths, durability="normal", busy_timeout_ms=0)
-            self._fast_conn.execute("PRAGMA wal_autocheckpoint = 0")
 
         def connector() -> sqlite3.Connection:
             conn = _db.connect(paths, durability=self.durability, busy_timeout_ms=self._busy_ms)
@@ -122,9 +114,21 @@ class AsyncLog:
             aconn._thread.join(10)
             self._write_lock.close()
             self._wake.close()
-            self._close_fast()
             raise
         self._aconn = aconn
+        if self.durability == "normal":
+            # A commit at synchronous=NORMAL does not fsync: when the lock is free it takes
+            # less time on the loop thread than one hop to the worker thread. Checkpoints
+            # (which do fsync) are left to the worker thread. The lock file is opened again
+            # so that the two threads' flocks exclude each other. Opened after the worker's
+            # connection has put the file in WAL mode and migrated it.
+            try:
+                self._fast_lock = FileLock(paths.write_lock)
+                self._fast_conn = _db.connect(paths, durability="normal", busy_timeout_ms=0)
+                self._fast_conn.execute("PRAGMA wal_autocheckpoint = 0")
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     async def close(self) -> None:

@@ -31,11 +31,16 @@ class WakeListener:
             self.path = None
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Bound under a name senders ignore, made owner-only, then renamed into view: no one
+        # ever sees the socket with the umask's wider mode.
+        hidden = self.path.with_suffix(".new")
         try:
-            sock.bind(os.fspath(self.path))
-            os.chmod(self.path, 0o600)
+            sock.bind(os.fspath(hidden))
+            os.chmod(hidden, 0o600)
+            os.rename(hidden, self.path)
         except OSError:
             sock.close()
+            hidden.unlink(missing_ok=True)
             raise
         sock.setblocking(False)
         self.sock = sock
