@@ -125,6 +125,27 @@ async def test_same_process_appends_wake_the_follower(open_log: Any) -> None:
         await following.stop()
 
 
+async def test_follower_in_a_deep_folder_falls_back_to_polling_promptly(
+    open_log: Any, tmp_path: Path
+) -> None:
+    # A Unix socket path holds ~100 bytes: here the wake folder is too deep for one, so
+    # waiters only poll. Slower, never lost.
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    log = await open_log(deep / "app.db")
+    writer = await open_log(deep / "app.db")
+    following = Following(log, "t", idle_timeout=30)
+    try:
+        for i in range(5):
+            sent = time.monotonic()
+            await writer.append("t", i)
+            assert (await following.next()).payload == i
+            assert time.monotonic() - sent < PROMPT_S
+        assert not list(log.paths.wake_folder.glob("*.sock"))
+    finally:
+        await following.stop()
+
+
 async def test_idle_follower_does_not_block_checkpoints(open_log: Any, db_path: Path) -> None:
     log = await open_log()
     writer = await open_log()

@@ -8,7 +8,7 @@ import contextlib
 import os
 import re
 import tracemalloc
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,10 @@ async def test_start_at_time(log: Any, db_path: Path) -> None:
     assert await from_time(datetime.fromtimestamp(2000, UTC)) == [3, 4, 5, 6, 7, 8]
     assert await from_time(datetime.fromtimestamp(3000, UTC)) == [6, 7, 8]
     assert await from_time(datetime.fromtimestamp(3001, UTC)) == []
-    # a naive datetime is UTC
+    # a naive datetime is UTC; an aware one counts in its own zone
     assert await from_time(datetime(1970, 1, 1, 0, 25)) == [3, 4, 5, 6, 7, 8]
+    plus_two = timezone(timedelta(hours=2))
+    assert await from_time(datetime(1970, 1, 1, 2, 25, tzinfo=plus_two)) == [3, 4, 5, 6, 7, 8]
 
 
 async def test_start_at_time_per_partition(log: Any, db_path: Path) -> None:

@@ -4,6 +4,7 @@ the next offset."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
@@ -12,9 +13,11 @@ from typing import Any
 
 import pytest
 from conftest import collect, dump
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import eventlog
-from eventlog import Draft
+from eventlog import Draft, _core
 
 LIMIT = 64  # a small payload limit (bytes of JSON) for the size tests
 LIMITS = eventlog.Limits(max_payload_bytes=LIMIT, max_key_length=16, max_headers=3,
@@ -122,6 +125,38 @@ async def test_bad_input_raises_typed_error_and_changes_nothing(
     assert dump(db_path) == before
     # The log still works, and the failed call used no offset.
     assert await log.append("t", "after") == head + 1
+
+
+# -- any input: typed error or exact round trip ------------------------------------------------
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary()
+    | st.decimals(allow_nan=True) | st.dates() | st.sampled_from([Opaque(), len, {1, 2}]),
+    lambda children: st.lists(children, max_size=4)
+    | st.tuples(children)
+    | st.dictionaries(st.text(max_size=5) | st.integers() | st.none() | st.booleans(),
+                      children, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.text(max_size=20) | st.sampled_from(["t", "a.b", "x-y_z.9"]),
+    payload=anything,
+    key=st.none() | st.text(max_size=20) | st.integers(),
+    headers=st.none() | st.dictionaries(st.text(max_size=5) | st.integers(),
+                                        st.text(max_size=5) | st.none(), max_size=3),
+)  # fmt: skip
+def test_encoding_any_input_round_trips_or_raises_a_typed_error(
+    topic: Any, payload: Any, key: Any, headers: Any
+) -> None:
+    try:
+        encoded = _core.encode_event(topic, payload, key, headers, None, LIMITS)
+    except eventlog.EventlogError:
+        return
+    assert json.loads(encoded.payload) == json.loads(json.dumps(payload))
+    assert encoded.key == key and encoded.topic == topic
 
 
 # -- reads ------------------------------------------------------------------------------------
