@@ -366,6 +366,16 @@ async def test_appends_wait_for_another_writer_then_all_commit(log: Any, db_path
     assert len(set(offsets)) == 20
 
 
+@pytest.mark.parametrize("durability", ["normal"])
+async def test_sustained_appends_keep_the_wal_bounded(log: Any, db_path: Path) -> None:
+    # One coroutine appending without pause: a checkpoint that waits for the event loop, or
+    # for a quiet moment, never comes, and the WAL grew by a page or two per append.
+    for i in range(6000):
+        await log.append("t", {"i": i, "pad": "x" * 200})
+    wal = os.path.getsize(f"{db_path}-wal")
+    assert wal < 24 * 2**20, f"the WAL grew to {wal / 2**20:.0f} MiB for ~2 MiB of events"
+
+
 async def test_appends_leave_the_file_intact(log: Any, db_path: Path) -> None:
     for i in range(10):
         await log.append_many([eventlog.Draft(f"t{i % 3}", {"i": i, "j": j}) for j in range(30)])
