@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 from ._async import AsyncLog, AsyncWaiter, open
 from ._consumer import Consumer, ConsumerStats
 from ._core import Event, Limits, TopicInfo
@@ -34,12 +37,23 @@ from .errors import (
 __version__ = "0.1.0"
 
 
-def open_sync(path: str, **options: object) -> SyncLog:
+def open_sync(
+    path: str | os.PathLike[str],
+    *,
+    durability: Literal["full", "normal"] = "full",
+    busy_timeout: float = 10.0,
+    limits: Limits | None = None,
+    default_partitions: int = 1,
+    create: bool = True,
+    allow_network_fs: bool = False,
+) -> SyncLog:
     """Open (creating and migrating if needed) the log at `path`, blocking API.
 
-    Takes the same options as `eventlog.open`; use it as a context manager.
+    Same options and semantics as `eventlog.open`; use it as a context manager.
     """
-    return SyncLog(path, **options)  # type: ignore[arg-type]
+    return SyncLog(path, durability=durability, busy_timeout=busy_timeout,
+                   limits=limits or Limits(), default_partitions=default_partitions,
+                   create=create, allow_network_fs=allow_network_fs)  # fmt: skip
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import os
 import sqlite3
 import time
@@ -67,7 +68,7 @@ class AsyncLog:
         self._create = create
         self._allow_network_fs = allow_network_fs
         self._cache = TopicCache()
-        self._pending: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
+        self._pending: deque[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._aconn: aiosqlite.Connection | None = None
         self._write_lock: FileLock | None = None
@@ -299,7 +300,7 @@ class AsyncLog:
         batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
         size = 0
         while self._pending and (not batch or size + len(self._pending[0][0]) <= MAX_GROUP_COMMIT):
-            entry = self._pending.pop(0)
+            entry = self._pending.popleft()
             if entry[1].done():
                 continue  # its caller was cancelled before the transaction began
             batch.append(entry)
@@ -338,7 +339,7 @@ class AsyncLog:
             if offsets is not None:
                 self._settle(batch, offsets)
                 return
-            self._pending[:0] = batch  # the lock was taken: queue them for the worker
+            self._pending.extendleft(reversed(batch))  # the lock was taken: queue for the worker
         if self._pending:
             self._writer = asyncio.create_task(self._write_pending())
 

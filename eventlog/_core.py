@@ -7,6 +7,7 @@ it inside one transaction. Nothing here imports sqlite3, aiosqlite or asyncio.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -65,11 +66,17 @@ _NAME_RE = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 _PATTERN_SEGMENT_RE = re.compile(rf"{_SEGMENT}|\*|#")
 
 
+@functools.lru_cache(maxsize=4096)
+def _good_name(name: str, max_length: int) -> bool:
+    # Names repeat on every append: the regex runs once per name.
+    return 0 < len(name) <= max_length and _NAME_RE.fullmatch(name) is not None
+
+
 def check_name(name: object, what: str = "topic", limits: Limits = DEFAULT_LIMITS) -> str:
     """A topic or group name: segments of [A-Za-z0-9_-] joined by single dots."""
     if not isinstance(name, str):
         raise InvalidName(f"{what} name must be a string, got {type(name).__name__}")
-    if not name or len(name) > limits.max_name_length or not _NAME_RE.fullmatch(name):
+    if not _good_name(name, limits.max_name_length):
         raise InvalidName(
             f"invalid {what} name {name!r}: use 1-{limits.max_name_length} letters, digits, "
             "'_' or '-', in segments joined by single dots"
@@ -148,13 +155,17 @@ def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int
     return partitions
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_json(
     value: Any, what: str = "payload", max_depth: int = DEFAULT_LIMITS.max_depth
 ) -> str:
     """Strict JSON: no NaN/Infinity, no silent conversion of unknown types, no nesting deeper
     than `max_depth` containers (json.loads could not read it back in a deep call stack)."""
     try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = _encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidPayload(f"{what} is not plain JSON: {exc}") from exc
     if value.__class__ not in _SCALARS:
