@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 import os
 import sqlite3
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -186,7 +193,7 @@ class AsyncLog:
     async def run(self, plan: Plan[T], mode: Mode) -> T:
         """Drive a plan in one hop to the connection's thread."""
         aconn = self._check()
-        return await aconn._execute(  # type: ignore[no-any-return]
+        return await aconn._execute(  # type: ignore[no-untyped-call,no-any-return]
             _db.drive, aconn._conn, plan, mode, self._write_lock
         )
 
@@ -551,7 +558,7 @@ class AsyncLog:
         ids: Iterable[str] | None = None,
         *,
         group: str | None = None,
-        all: bool = False,  # noqa: A002 - reads well at the call site
+        all: bool = False,
         dry_run: bool = False,
     ) -> list[_deadletter.DeadLetter]:
         """Send dead letters back to their own group only, attempts reset. Entries stay in the
@@ -576,7 +583,7 @@ class AsyncLog:
         ids: Iterable[str] | None = None,
         *,
         group: str | None = None,
-        all: bool = False,  # noqa: A002
+        all: bool = False,
         dry_run: bool = False,
     ) -> list[_deadletter.DeadLetter]:
         """Remove dead letters from the file for good."""
@@ -681,7 +688,7 @@ class _Opener:
         await self._log.close()
 
 
-def open(  # noqa: A001 - the natural name, as in open_sync
+def open(
     path: str | os.PathLike[str],
     *,
     durability: _db.Durability = "full",

@@ -220,7 +220,7 @@ class Consumer:
             # later (a new topic matching a pattern) must not skip what it got before the
             # next rebalance noticed it.
             self._start = await self.log.head() + 1
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
@@ -610,8 +610,8 @@ def _exit_after_hard_timeout(
             conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
                                check_same_thread=False)  # fmt: skip
             lock = FileLock(paths.write_lock, timeout=10.0)
-            _db.drive(conn, _groups.record_hard_timeout_plan(group, event, held.attempts, error,
-                                                             held.state), "write", lock)  # fmt: skip
+            plan = _groups.record_hard_timeout_plan(group, event, held.attempts, error, held.state)
+            _db.drive(conn, plan, "write", lock)
     except Exception:
         log.exception("could not record the timed-out attempt")
     log.error("%s: %s[%d]@%d exceeded hard_timeout %.1fs; exiting", group, event.topic,

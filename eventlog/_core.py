@@ -353,7 +353,7 @@ StartSpec: TypeAlias = "Literal['earliest', 'latest'] | int | datetime"
 def check_start(start: object) -> str | int | datetime:
     """earliest, latest, an offset (the first one delivered) or a time (aware or UTC)."""
     if start in ("earliest", "latest"):
-        return start  # type: ignore[return-value]
+        return str(start)
     if isinstance(start, bool):
         raise InvalidArgument(f"invalid start {start!r}")
     if isinstance(start, int):

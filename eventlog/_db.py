@@ -248,9 +248,9 @@ def drive(
         reply: list[Row] | None = None
         try:
             while True:
-                stmt = plan.send(reply)  # type: ignore[arg-type]
+                stmt = plan.send(reply)  # type: ignore[arg-type]  # None starts the plan
                 if stmt.many:
-                    conn.executemany(stmt.sql, stmt.params)  # type: ignore[arg-type]
+                    conn.executemany(stmt.sql, stmt.params)
                     reply = []
                 else:
                     reply = conn.execute(stmt.sql, stmt.params).fetchall()  # type: ignore[arg-type]

@@ -221,7 +221,9 @@ class DeadLetterFile:
                 os.replace(tmp, self.path)
                 _fsync_folder(self.path.parent)
         except OSError as exc:
-            raise DeadLetterError(f"cannot rewrite the dead-letter file {self.path}: {exc}") from exc
+            raise DeadLetterError(
+                f"cannot rewrite the dead-letter file {self.path}: {exc}"
+            ) from exc
         finally:
             lock.close()
         return changed

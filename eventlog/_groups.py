@@ -37,7 +37,7 @@ def assign(lanes: Sequence[Lane], members: Sequence[str], me: str) -> set[Lane]:
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter over its upper half: never zero, never in step."""
     ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
-    return ceiling / 2 + rng.random() * ceiling / 2
+    return float(ceiling / 2 + rng.random() * ceiling / 2)
 
 
 @dataclass

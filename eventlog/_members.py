@@ -145,7 +145,7 @@ class Membership:
 
 def list_members_of(members_dir: Path, *, skip: str) -> list[str]:
     """Ids of live members in the folder; stale files are removed as they are found."""
-    alive = []
+    alive: list[str] = []
     try:
         names = os.listdir(members_dir)
     except FileNotFoundError:

@@ -421,7 +421,7 @@ class SyncLog:
         ids: Iterable[str] | None = None,
         *,
         group: str | None = None,
-        all: bool = False,  # noqa: A002 - reads well at the call site
+        all: bool = False,
         dry_run: bool = False,
     ) -> list[_deadletter.DeadLetter]:
         """Send dead letters back to their own group only, attempts reset. Entries stay in the
@@ -441,7 +441,7 @@ class SyncLog:
         ids: Iterable[str] | None = None,
         *,
         group: str | None = None,
-        all: bool = False,  # noqa: A002
+        all: bool = False,
         dry_run: bool = False,
     ) -> list[_deadletter.DeadLetter]:
         """Remove dead letters from the file for good."""
@@ -501,10 +501,8 @@ class SyncLog:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             # Close first: under -W error the warning raises, and the handles must not leak.
-            try:
+            with contextlib.suppress(Exception):
                 self.close()
-            except Exception:  # noqa: BLE001 - best effort during garbage collection
-                pass
             warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
                           stacklevel=2)  # fmt: skip
 

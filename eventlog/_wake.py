@@ -7,6 +7,7 @@ poll `PRAGMA data_version` slowly, so a lost datagram delays delivery and never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -105,10 +106,8 @@ class WakeSender:
             except ConnectionRefusedError:
                 # Nobody bound there: its waiter died without cleaning up. Names are never
                 # reused, so removing it cannot hurt a live waiter.
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(target)
-                except OSError:
-                    pass
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
                     log.debug("wake-up to %s failed: %s", target, exc)

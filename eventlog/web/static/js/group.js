@@ -101,6 +101,7 @@ async function requestPlan(execute) {
   try {
     const plan = await api(`groups/${encodeURIComponent(group)}/reset`, { method: "POST", body });
     planned = execute ? null : plan;
+    if (!execute) liveMembers = plan.live_members.length;
     showPlan(plan);
     if (execute) {
       toast(`positions of ${group} reset`);

@@ -69,5 +69,7 @@ async function refresh() {
     { empty: "no consumer groups yet" }));
 }
 
+// ?every=SECONDS sets the refresh period (default 2, at least 0.5)
+const every = Math.max(0.5, Number(new URLSearchParams(location.search).get("every")) || 2);
 await chrome("overview");
-poll(refresh, 2000);
+poll(refresh, every * 1000);
