@@ -104,7 +104,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError(f"server did not stop within {timeout}s:\n{self.stderr()}")
+            raise AssertionError(
+                f"server did not stop within {timeout}s:\n{self.stderr()}"
+            ) from None
         finally:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()

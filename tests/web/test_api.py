@@ -102,8 +102,9 @@ def test_browse_newest_first_then_oldest_first_covers_every_event_once(shared: S
     for order, expected in (("newest", offsets[::-1]), ("oldest", offsets)):
         seen, cursor = [], None
         while True:
-            page = client.get("/api/v1/topics/br/events",
-                              params={"order": order, "limit": 10, "cursor": cursor}).json()
+            page = client.get(
+                "/api/v1/topics/br/events", params={"order": order, "limit": 10, "cursor": cursor}
+            ).json()
             seen += [e["offset"] for e in page["events"]]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -114,7 +115,9 @@ def test_browse_newest_first_then_oldest_first_covers_every_event_once(shared: S
 def test_browse_filters_by_key_time_and_bounded_text_search(shared: Server) -> None:
     with eventlog.open_sync(shared.db) as log:
         log.create_topic("bf", 4)
-        early = log.append_many([Draft("bf", {"note": "plain"}, key=f"k{i % 3}") for i in range(30)])
+        early = log.append_many(
+            [Draft("bf", {"note": "plain"}, key=f"k{i % 3}") for i in range(30)]
+        )
         time.sleep(0.05)
         middle = _core.now_ms()
         time.sleep(0.05)
@@ -167,8 +170,9 @@ def test_append_one_or_a_batch_with_dedupe(shared: Server) -> None:
                             "dedupe_key": "order-1"})  # fmt: skip
     assert one.status_code == 201
     (offset,) = one.json()["offsets"]
-    again = client.post("/api/v1/topics/ap/events", json={"payload": {"a": 2},
-                                                          "dedupe_key": "order-1"})
+    again = client.post(
+        "/api/v1/topics/ap/events", json={"payload": {"a": 2}, "dedupe_key": "order-1"}
+    )
     assert again.json()["offsets"] == [offset]
     batch = client.post("/api/v1/topics/ap/events",
                         json={"events": [{"payload": i} for i in range(5)]})  # fmt: skip
@@ -285,8 +289,12 @@ def test_reset_plans_by_default_executes_on_request_and_refuses_live_members(
     assert position(shared.db, "rs-group", "rs") == offsets[3]
     when = client.post(url, json={"spec": "duration", "value": "1h", "topics": ["rs:0"]})
     assert when.status_code == 200, when.text
-    for bad in ({"spec": "sideways"}, {"spec": "offset", "value": "x"},
-                {"spec": "earliest", "topics": ["rs:z"]}, {"spec": "earliest", "nope": 1}):
+    for bad in (
+        {"spec": "sideways"},
+        {"spec": "offset", "value": "x"},
+        {"spec": "earliest", "topics": ["rs:z"]},
+        {"spec": "earliest", "nope": 1},
+    ):
         assert error_of(client.post(url, json=bad), 400)["type"] == "InvalidArgument"
     assert error_of(client.post("/api/v1/groups/nobody/reset", json={"spec": "earliest"}),
                     404)["type"] == "NotFound"  # fmt: skip
@@ -304,8 +312,9 @@ def test_dead_letters_filters_cursor_detail_and_torn_tail(shared: Server) -> Non
     client = shared.client()
     seen, cursor = [], None
     while True:
-        page = client.get("/api/v1/dead-letters",
-                          params={"topic": "dl", "limit": 3, "cursor": cursor}).json()
+        page = client.get(
+            "/api/v1/dead-letters", params={"topic": "dl", "limit": 3, "cursor": cursor}
+        ).json()
         seen += [d["id"] for d in page["dead_letters"]]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -338,16 +347,16 @@ def test_requeue_and_purge_need_a_selection_and_confirmation(shared: Server) -> 
     one = client.post("/api/v1/dead-letters/requeue", json={"ids": [made[0].id]}).json()
     assert one["count"] == 1
     with raw(shared.db) as conn:
-        rows = conn.execute("SELECT group_name, event_offset, dead_letter_id FROM "
-                            "eventlog_redeliveries WHERE group_name = 'rq-group'").fetchall()
+        rows = conn.execute(
+            "SELECT group_name, event_offset, dead_letter_id FROM "
+            "eventlog_redeliveries WHERE group_name = 'rq-group'"
+        ).fetchall()
     assert rows == [("rq-group", offsets[0], made[0].id)]
-    listed = {d["id"]: d for d in client.get("/api/v1/dead-letters",
-                                             params={"group": "rq-group"}).json()["dead_letters"]}
+    listed = by_id(client, "rq-group")
     assert listed[made[0].id]["requeued"] is True and listed[made[1].id]["requeued"] is False
     # the requeued event fails again: a newer entry, and the old one is marked re-failed
     dead_letter(shared.db, "rq-group", "rq", offsets[0])
-    listed = {d["id"]: d for d in client.get("/api/v1/dead-letters",
-                                             params={"group": "rq-group"}).json()["dead_letters"]}
+    listed = by_id(client, "rq-group")
     assert listed[made[0].id]["refailed"] is True
     pending = client.get("/api/v1/dead-letters", params={"group": "rq-group", "pending": "true"})
     assert len(pending.json()["dead_letters"]) == 3
@@ -356,6 +365,11 @@ def test_requeue_and_purge_need_a_selection_and_confirmation(shared: Server) -> 
     assert purged["count"] == 4
     text = _db.Paths.for_db(shared.db).deadletter.read_text()
     assert "rq-group" not in text
+
+
+def by_id(client: Any, group: str) -> dict[str, dict[str, Any]]:
+    page = client.get("/api/v1/dead-letters", params={"group": group}).json()
+    return {d["id"]: d for d in page["dead_letters"]}
 
 
 # -- metrics ----------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ async function load(reset) {
   if (data.unreadable_lines.length) problems.push(`unreadable lines ${data.unreadable_lines.join(", ")} are kept as they are (see eventlog doctor)`);
   torn.textContent = problems.join("; ");
   torn.hidden = !problems.length;
-  $("#total").textContent = `${fmtNum(data.total)} match${data.total === 1 ? "es" : ""}`;
+  $("#total").textContent = `${fmtNum(data.total)} match${data.total === 1 ? "" : "es"}`;
   let body = $("#list tbody");
   if (!body) {
     $("#list").append(table(["", "ID", "Group", "Topic", { label: "Offset", num: true }, { label: "Attempts", num: true }, "Error", "Dead-lettered", "Status"], [], { empty: "no dead letters" }));
