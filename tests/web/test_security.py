@@ -328,3 +328,17 @@ def test_httpx_is_the_real_client(shared: Server) -> None:
     # the servers under test are real processes reached over TCP, not an ASGI transport
     assert isinstance(server.client(), httpx.Client)
     assert server.proc.pid != os.getpid()
+
+
+def test_every_static_file_ships_in_the_wheel() -> None:
+    import fnmatch
+    import tomllib
+
+    root = STATIC.parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["eventlog.web"]
+    assert "eventlog.web" in config["tool"]["setuptools"]["packages"]
+    for path in STATIC.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(STATIC.parent).as_posix()
+            assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not package data"
