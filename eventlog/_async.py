@@ -419,6 +419,7 @@ class AsyncLog:
         start = _core.check_start(start)
         _core.compile_patterns(topics)
         _core.check_read_options(limit, page)
+        _core.check_seconds(idle_timeout, "idle_timeout")
         return self._read(topics, start, follow, limit, page, stop, idle_timeout)
 
     async def _read(
@@ -469,6 +470,7 @@ class AsyncLog:
         it cannot be missed, even if it commits before this call starts waiting.
         """
         _core.compile_patterns(topics)
+        _core.check_wait_for(after, timeout)
         if after is None:
             after = await self.head()
         deadline = None if timeout is None else time.monotonic() + timeout

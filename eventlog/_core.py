@@ -143,6 +143,20 @@ def check_read_options(limit: object, page: object) -> None:
         raise InvalidArgument(f"page must be an integer >= 1, got {page!r}")
 
 
+def check_seconds(value: object, what: str) -> None:
+    """None (no limit) or a number of seconds >= 0."""
+    if value is not None and (
+        not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0
+    ):
+        raise InvalidArgument(f"{what} must be None or seconds >= 0, got {value!r}")
+
+
+def check_wait_for(after: object, timeout: object) -> None:
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+        raise InvalidArgument(f"after must be None or an offset >= 0, got {after!r}")
+    check_seconds(timeout, "timeout")
+
+
 def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int:
     if (
         not isinstance(partitions, int)

@@ -264,6 +264,7 @@ class SyncLog:
         start = _core.check_start(start)
         _core.compile_patterns(topics)
         _core.check_read_options(limit, page)
+        _core.check_seconds(idle_timeout, "idle_timeout")
         return self._read(topics, start, follow, limit, page, stop, idle_timeout)
 
     def _read(
@@ -312,6 +313,8 @@ class SyncLog:
         Note the head before starting the work that appends the event: the event cannot be
         missed, even if it commits before this call starts waiting.
         """
+        _core.compile_patterns(topics)
+        _core.check_wait_for(after, timeout)
         if after is None:
             after = self.head()
         deadline = None if timeout is None else time.monotonic() + timeout

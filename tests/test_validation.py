@@ -4,6 +4,7 @@ the next offset."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import date
@@ -166,6 +167,10 @@ READ_CASES += [(f"start {s!r}", {"start": s}, eventlog.InvalidArgument) for s in
 READ_CASES += [(f"topics {p!r}", {"topics": p}, eventlog.InvalidArgument) for p in BAD_PATTERNS]
 READ_CASES += [(f"limit {v!r}", {"limit": v}, eventlog.InvalidArgument) for v in (-1, "3", 1.5)]
 READ_CASES += [(f"page {v!r}", {"page": v}, eventlog.InvalidArgument) for v in (0, -1, "5", 2.5)]
+READ_CASES += [
+    (f"idle_timeout {v!r}", {"idle_timeout": v, "follow": True}, eventlog.InvalidArgument)
+    for v in (-1, "1", float("nan"), True)
+]
 
 
 @pytest.mark.parametrize(
@@ -180,6 +185,24 @@ async def test_bad_read_arguments_raise_at_call(
     topics = options.pop("topics", "t")
     with pytest.raises(error):
         await collect(log.read(topics, **options))
+    assert dump(db_path) == before
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": -1}, {"timeout": "1"}, {"after": -1}, {"after": "5"}, {"after": 1.5},
+     {"topics": "a..b"}, {"topics": 5}],
+    ids=repr,
+)  # fmt: skip
+async def test_bad_wait_for_arguments_raise_at_once(
+    log: Any, db_path: Path, options: dict[str, Any]
+) -> None:
+    await log.append("t", 1)
+    before = dump(db_path)
+    options = dict(options)
+    topics = options.pop("topics", "t")
+    with pytest.raises(eventlog.InvalidArgument):
+        await asyncio.wait_for(log.wait_for(topics, **options), 5)
     assert dump(db_path) == before
 
 
