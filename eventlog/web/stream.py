@@ -44,6 +44,7 @@ log = logging.getLogger("eventlog.web")
 PAGE_EVENTS = 500  # events read per page, and at most per write
 WRITE_MAX_BYTES = 256 * 1024  # bytes per write (one larger event goes alone)
 RETRY_MS = 1000
+BYE_TIMEOUT_S = 0.5
 
 
 class Hub:
@@ -267,10 +268,13 @@ class StreamEndpoint:
         pending_checkpoint: int | None = None
         while True:
             if self.hub.closing:
-                with contextlib.suppress(_Gone):
-                    await self._send(send, b'event: bye\ndata: {"reason":"shutdown"}\n\n', gone)
-                    await asyncio.wait_for(send({"type": "http.response.body", "body": b"",
-                                                 "more_body": False}), 1.0)  # fmt: skip
+                # briefly: a client that stopped reading must not hold up the shutdown
+                bye = b'event: bye\ndata: {"reason":"shutdown"}\n\n'
+                with contextlib.suppress(TimeoutError, OSError):
+                    for message in ({"body": bye, "more_body": True}, {"body": b""}):
+                        await asyncio.wait_for(
+                            send({"type": "http.response.body", **message}), BYE_TIMEOUT_S
+                        )
                 return
             if gone.is_set():
                 return
