@@ -1651,8 +1651,12 @@ def demo(
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port.")] = 8765,
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="The address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(metavar="PORT", min=0, max=65535, help="0 picks a free port.")
+    ] = 8765,
     read_only: Annotated[
         bool, typer.Option("--read-only", help="Refuse every change (405): look, never touch.")
     ] = False,
@@ -1682,7 +1686,7 @@ def serve(
         typer.Option(metavar="SECONDS", help="Close a stream whose client stops reading."),
     ] = 30.0,
     max_streams: Annotated[
-        int, typer.Option(min=1, help="Open event streams at most; beyond, 503.")
+        int, typer.Option(metavar="N", min=1, help="Open event streams at most; beyond, 503.")
     ] = 64,
     metrics: Annotated[
         bool, typer.Option("--metrics", help="Serve Prometheus text at /metrics.")
