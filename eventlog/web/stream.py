@@ -72,10 +72,11 @@ class Hub:
         while not self._stop.is_set():
             try:
                 changed = await self._waiter.wait(self._stop, None)
-            except EventlogError as exc:
-                # the database file was replaced: keep the streams polling slowly
-                log.error("wake-ups stopped: %s", exc)
-                with contextlib.suppress(asyncio.TimeoutError):
+            except Exception as exc:
+                # (the database file replaced, say) the streams must go on: wake them every
+                # second instead
+                log.error("wake-ups failed, polling every second: %s", exc)
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
                 changed = True
             if changed:
