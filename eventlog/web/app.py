@@ -695,6 +695,7 @@ def build_app(state: ServerState) -> Guard:
     v1 = "/api/v1"
     routes = [
         Route(f"{v1}/healthz", healthz),
+        Route("/healthz", healthz),
         Route(f"{v1}/info", info),
         Route(f"{v1}/stream", stream, methods=["GET"]),
         Route(f"{v1}/topics", topics),

@@ -181,7 +181,7 @@ async def send_json_error(
 
 
 PUBLIC_PREFIXES = ("/static/",)
-PUBLIC_PATHS = frozenset({"/api/v1/healthz", "/login", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/healthz", "/login", "/favicon.ico"})
 
 
 class Guard:
@@ -199,7 +199,7 @@ class Guard:
             return
         path: str = scope["path"]
         headers = _headers(scope)
-        is_api = path.startswith("/api/") or path == "/metrics"
+        is_api = path.startswith("/api/") or path in ("/metrics", "/healthz")
         secured = _with_security_headers(send, no_store=is_api)
         policy = self.policy
         if not policy.host_allowed(headers.get("host", "")):

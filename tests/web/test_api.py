@@ -64,7 +64,8 @@ def error_of(response: Any, status: int) -> dict[str, str]:
 
 
 def test_healthz_needs_no_auth_and_info_describes_the_server(shared: Server) -> None:
-    assert shared.client(auth=False).get("/api/v1/healthz").json()["status"] == "ok"
+    for path in ("/healthz", "/api/v1/healthz"):
+        assert shared.client(auth=False).get(path).json()["status"] == "ok"
     info = shared.client().get("/api/v1/info").json()
     assert info["db"] == str(shared.db)
     assert info["auth"] is True and info["read_only"] is False and info["metrics"] is True
