@@ -436,10 +436,11 @@ class AsyncLog:
         try:
             cursor = await self.run(_core.open_cursor_plan(topics, start), "read")
             delivered = 0
-            refresh = False
             while limit is None or delivered < limit:
-                events = await self.run(_core.read_page_plan(cursor, page, refresh), "read")
-                refresh = False
+                # Lanes are looked up again with every page, in its transaction: a topic
+                # created since (matching a pattern) then merges in offset order. Looked up
+                # only after an idle wait, its events came after later ones of busy lanes.
+                events = await self.run(_core.read_page_plan(cursor, page, True), "read")
                 for event in events:
                     yield event
                     delivered += 1
@@ -449,7 +450,6 @@ class AsyncLog:
                     continue
                 if waiter is None or not await waiter.wait(stop, idle_timeout):
                     return
-                refresh = True
         finally:
             if waiter is not None:
                 waiter.close()
@@ -477,10 +477,8 @@ class AsyncLog:
         waiter = self.waiter()
         try:
             cursor = await self.run(_core.open_cursor_plan(topics, after + 1), "read")
-            refresh = False
             while True:
-                events = await self.run(_core.read_page_plan(cursor, 500, refresh), "read")
-                refresh = False
+                events = await self.run(_core.read_page_plan(cursor, 500, True), "read")
                 for event in events:
                     if match is None or match(event):
                         return WaitResult("received", event)
@@ -495,7 +493,6 @@ class AsyncLog:
                     if cancel is not None and cancel.is_set():
                         return WaitResult("cancelled", None)
                     return WaitResult("timed_out", None)
-                refresh = True
         finally:
             waiter.close()
 

@@ -172,6 +172,28 @@ async def test_latest_skips_existing_and_new_topics_start_from_their_first_event
         await follower.aclose()
 
 
+async def test_topic_created_while_following_a_pattern_keeps_offset_order(
+    open_log: Any,
+) -> None:
+    log = await open_log()
+    writer = await open_log()
+    await writer.append_many([eventlog.Draft("orders.a", i) for i in range(2000)])
+    follower = log.read("orders.#", follow=True, idle_timeout=10, page=100)
+    try:
+        first = await asyncio.wait_for(follower.__anext__(), 10)  # lanes known: orders.a
+        # While the reader is busy with the backlog, a new matching topic gets an event,
+        # then the known topic gets one more.
+        b = await writer.append("orders.b", "new topic")
+        a = await writer.append("orders.a", "after it")
+        offsets = [first.offset]
+        while len(offsets) < 2002:
+            offsets.append((await asyncio.wait_for(follower.__anext__(), 10)).offset)
+    finally:
+        await follower.aclose()
+    assert offsets == sorted(offsets), "delivered out of offset order"
+    assert offsets[-2:] == [b, a]
+
+
 # -- limits and pages --------------------------------------------------------------------------
 
 
