@@ -504,9 +504,10 @@ def test_requeue_button_sends_dead_letters_back_to_their_group(
     server = start_server(web_db)
     servers.append(server)
     page = signed_in(browser, server)
-    page.goto(server.base + "/dead-letters")
+    page.goto(server.base + "/dead-letters?group=billing")  # as the group page links it
     page.wait_for_selector("#list tr[data-id]")
     assert len(page.query_selector_all("#list tr[data-id]")) == 2
+    assert page.input_value("#f-group") == "billing"
     page.click("#list tr[data-id] >> nth=0")  # the detail, with its traceback
     page.wait_for_selector("#drawer pre.traceback")
     assert "ValueError: cannot handle" in page.inner_text("#drawer pre.traceback")

@@ -9,6 +9,11 @@ let cursor = null;
 let knownGroups = [];
 let confirmAction = null;
 
+if (params.get("group")) {
+  // selected before the first load, so that load already filters by it
+  $("#f-group").appendChild(el("option", { value: params.get("group") }, params.get("group")));
+  $("#f-group").value = params.get("group");
+}
 $("#f-topic").value = params.get("topic") || "";
 $("#f-q").value = params.get("q") || "";
 $("#f-pending").checked = params.get("pending") === "1";
@@ -73,8 +78,7 @@ async function load(reset) {
     return;
   }
   knownGroups = data.groups;
-  fillSelect($("#f-group"), data.groups, reset ? (params.get("group") || $("#f-group").value) : undefined);
-  params.delete("group");
+  fillSelect($("#f-group"), data.groups);
   fillSelect($("#f-error"), data.error_types);
   const torn = $("#torn");
   const problems = [];
