@@ -47,6 +47,7 @@ T = TypeVar("T")
 MAX_GROUP_COMMIT = 5000
 # Batches up to this size may commit on the loop thread (durability normal, lock free).
 FAST_BATCH_MAX = 64
+INLINE_PER_STEP = 32
 
 
 class AsyncLog:
@@ -87,6 +88,7 @@ class AsyncLog:
         self._fast_commits = 0
         self._flush_scheduled = False
         self._step_used = False
+        self._step_inline = 0
         self._inline_task: asyncio.Task[Any] | None = None
         self._checkpointer: asyncio.Task[Any] | None = None
 
@@ -283,6 +285,8 @@ class AsyncLog:
         Only when nothing is queued, and only for the first appending task of this loop
         step (or the task that did so before: a caller awaiting appends one after another).
         Other tasks appending in the same step queue instead and share one transaction.
+        Awaiting a finished future does not yield, so after INLINE_PER_STEP commits in one
+        step the caller queues once, and the other tasks of the loop get their turn.
         """
         if (
             self._fast_conn is None
@@ -292,16 +296,20 @@ class AsyncLog:
         ):
             return False
         task = asyncio.current_task()
-        if self._step_used and task is not self._inline_task:
+        if self._step_used and (
+            task is not self._inline_task or self._step_inline >= INLINE_PER_STEP
+        ):
             return False
         if not self._step_used:
             self._step_used = True
             loop.call_soon(self._end_step)
         self._inline_task = task
+        self._step_inline += 1
         return True
 
     def _end_step(self) -> None:
         self._step_used = False
+        self._step_inline = 0
 
     def _take_batch(self) -> list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]]:
         batch: list[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = []
@@ -630,7 +638,12 @@ class AsyncWaiter:
         self._loop = asyncio.get_running_loop()
         self._fd = self.listener.fileno()
         if self._fd >= 0:
-            self._loop.add_reader(self._fd, self._signal.set)
+            self._loop.add_reader(self._fd, self._on_datagram)
+
+    def _on_datagram(self) -> None:
+        # Drain now: a socket left readable calls this again on every pass of the loop.
+        self.listener.drain()
+        self._signal.set()
 
     def poke(self) -> None:
         """Wake the waiter from inside this process (for example, a stop request)."""

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 import traceback
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _core, _db, _groups
 from ._core import Event, Lane
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._async import AsyncLog
 
 log = logging.getLogger("eventlog")
+T = TypeVar("T")
 
 Handler = Callable[[Event], Awaitable[Any] | Any]
 BatchHandler = Callable[[list[Event]], Awaitable[Any] | Any]
@@ -122,15 +124,24 @@ class _HandlerGate:
         while not ready():
             await self._changed.wait()
 
+    async def enter_shared(self) -> None:
+        # The common case takes no await and allocates nothing: one per handled event.
+        if self._exclusive or self._waiting:
+            await self._until(lambda: not self._exclusive and not self._waiting)
+        self._shared += 1
+
+    def leave_shared(self) -> None:
+        self._shared -= 1
+        if self._waiting:
+            self._notify()  # only an exclusive caller waits for shared ones to leave
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        await self._until(lambda: not self._exclusive and not self._waiting)
-        self._shared += 1
+        await self.enter_shared()
         try:
             yield
         finally:
-            self._shared -= 1
-            self._notify()
+            self.leave_shared()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -195,6 +206,9 @@ class Consumer:
         self._redeliver_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._gate = _HandlerGate()
+        self._handler_is_async = inspect.iscoroutinefunction(handler or batch_handler)
+        self._watched = self.config.hard_timeout is not None
+        self._look: sqlite3.Connection | None = None
         self._start: str | int | datetime = self.config.start
 
     # -- public -------------------------------------------------------------------------------
@@ -227,6 +241,11 @@ class Consumer:
                 installed.append(sig)
         self._membership = Membership(self.log.paths, self.group)
         waiter = self.log.waiter()
+        # Idle looks (is there anything after my position? which topics match?) run on the
+        # loop thread from a connection that only reads: an index probe takes microseconds
+        # there, where a hop to the worker thread takes a hundred or more.
+        self._look = _db.connect(self.log.paths, durability=self.log.durability,
+                                 busy_timeout_ms=1000)  # fmt: skip
         watchdog = self._start_watchdog()
         try:
             await self._pump(waiter)
@@ -237,6 +256,7 @@ class Consumer:
             if watchdog is not None:
                 watchdog.set()
             waiter.close()
+            self._look.close()
             if self._redeliver_lock is not None:
                 self._redeliver_lock.close()
             self._membership.close()
@@ -257,6 +277,10 @@ class Consumer:
             if await waiter.wait(self._stop, max(0.0, next_rebalance - time.monotonic())):
                 self._wake_lanes()
 
+    def _read_here(self, plan: _core.Plan[T]) -> T:
+        assert self._look is not None
+        return _db.drive(self._look, plan, "none")
+
     def _wake_lanes(self) -> None:
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
@@ -264,7 +288,7 @@ class Consumer:
     async def _rebalance(self) -> None:
         assert self._membership is not None
         members = self._membership.live_members()
-        lanes = await self.log.run(_core.resolve_lanes_plan(self.patterns), "read")
+        lanes = self._read_here(_core.resolve_lanes_plan(self.patterns))
         mine = _groups.assign(lanes, members, self._membership.member_id)
         for lane in [lane for lane in self._lanes if lane not in mine]:
             await self._release(lane)
@@ -322,11 +346,9 @@ class Consumer:
         try:
             while not (self._stop.is_set() or revoked.is_set()):
                 tick = self._tick
-                if pending is None:
-                    peek = await self.log.run(_groups.peek_plan(self.group, state, size), "read")
-                    if not peek.events:
-                        await _wait_any(tick, self._stop, revoked)
-                        continue
+                if pending is None and not self._read_here(_groups.has_more_plan(state)):
+                    await _wait_any(tick, self._stop, revoked)
+                    continue
                 batch = await self.log.run(
                     _groups.advance_plan(self.group, state, pending, size), "write"
                 )
@@ -378,19 +400,21 @@ class Consumer:
                         continue
                     # the batch failed: retry its events alone to find the bad one
                     singles_until = run[-1].offset
-            async with self._gate.shared():
+            await self._gate.enter_shared()
+            try:
                 error = await self._call(event, 1, state)
+            finally:
+                self._gate.leave_shared()
             if error is None:
                 self.stats.handled += 1
                 done = event.offset
                 i += 1
                 continue
-            await self._run_write(
-                _groups.record_failure_plan(self.group, event, 1, error, state)
-            )
+            await self._run_write(_groups.record_failure_plan(self.group, event, 1, error, state))
             self.stats.failed_attempts += 1
-            if not await self._handle_carefully(event, 1, state, first_error=error,
-                                                revoked=revoked):
+            if not await self._handle_carefully(
+                event, 1, state, first_error=error, revoked=revoked
+            ):
                 break
             done = event.offset
             i += 1
@@ -498,7 +522,8 @@ class Consumer:
 
     async def _call(self, event: Event, attempts: int, state: LaneState | None) -> ErrorInfo | None:
         key = state.lane if state is not None else None
-        self._in_hand[key] = _InHand(event, attempts, time.monotonic(), state)
+        if self._watched:  # only the hard-timeout watchdog reads what is in hand
+            self._in_hand[key] = _InHand(event, attempts, time.monotonic(), state)
         try:
             if self._handler is not None:
                 await self._invoke(self._handler, event)
@@ -529,7 +554,7 @@ class Consumer:
 
     async def _invoke(self, fn: Callable[[Any], Any], arg: Any) -> None:
         timeout = self.config.timeout
-        if inspect.iscoroutinefunction(fn):
+        if self._handler_is_async:
             if timeout is None:
                 await fn(arg)
             else:

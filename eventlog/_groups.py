@@ -66,8 +66,18 @@ class LaneState:
 
 @dataclass
 class Batch:
-    events: list[Event]
+    """A fetched batch. Rows are decoded on first use, outside the transaction that fetched
+    them, so the write lock is not held while JSON is parsed."""
+
+    rows: list[Row]
     attempts: dict[int, int] = field(default_factory=dict)  # offset -> attempts written
+    _events: list[Event] | None = None
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            self._events = [row_to_event(r) for r in self.rows]
+        return self._events
 
 
 def take_lane_plan(group: str, lane: Lane, start: str | int | datetime) -> Plan[LaneState]:
@@ -85,7 +95,7 @@ def take_lane_plan(group: str, lane: Lane, start: str | int | datetime) -> Plan[
 def _fetch(group: str, state: LaneState, limit: int) -> Plan[Batch]:
     topic, partition = state.lane
     rows: list[Row] = yield Stmt(_sql.READ_LANE_AFTER, (topic, partition, state.position, limit))
-    batch = Batch([row_to_event(r) for r in rows])
+    batch = Batch(rows)
     if rows:
         tried = yield Stmt(
             _sql.LANE_ATTEMPTS, (group, topic, partition, state.position, rows[-1][0])
@@ -94,22 +104,21 @@ def _fetch(group: str, state: LaneState, limit: int) -> Plan[Batch]:
     return batch
 
 
-def peek_plan(group: str, state: LaneState, limit: int) -> Plan[Batch]:
-    """Read-only look for the next batch (no write lock while a lane is idle)."""
-    return (yield from _fetch(group, state, limit))
+def has_more_plan(state: LaneState) -> Plan[bool]:
+    """Whether the lane holds an event after the position: one index probe, no lock."""
+    rows = yield Stmt(_sql.LANE_HAS_AFTER, (*state.lane, state.position))
+    return bool(rows)
 
 
-def advance_plan(
-    group: str, state: LaneState, commit_to: int | None, limit: int
-) -> Plan[Batch]:
+def advance_plan(group: str, state: LaneState, commit_to: int | None, limit: int) -> Plan[Batch]:
     """Commit the batch handled (if any), fetch the next, and mark it in flight: one
     transaction, so a crash leaves either the old marker or the new one."""
     topic, partition = state.lane
     if commit_to is not None:
         state.position = max(state.position, commit_to)
     batch = yield from _fetch(group, state, limit)
-    first = batch.events[0].offset if batch.events else None
-    last = batch.events[-1].offset if batch.events else None
+    first = int(batch.rows[0][0]) if batch.rows else None
+    last = int(batch.rows[-1][0]) if batch.rows else None
     if state.crashed_to is not None and first is not None:
         # still inside a crashed range: keep naming it, so a second crash keeps its credit
         first = min(first, state.crashed_from or first)

@@ -95,6 +95,9 @@ READ_LANE_AFTER = (
     " WHERE topic = ? AND partition = ? AND id > ? ORDER BY id LIMIT ?"
 )
 READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM eventlog_events WHERE id = ?"
+LANE_HAS_AFTER = (
+    "SELECT 1 FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ? LIMIT 1"
+)
 COUNT_LANE_AFTER = (
     "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
 )

@@ -196,20 +196,20 @@ async def test_append_between_the_first_read_and_the_wait_wakes_the_consumer_at_
 
     monkeypatch.setattr(_sync.DatabaseWatch, "changed", watch_changed)
 
-    # The lane's first read finds nothing; another process appends while that read's
-    # transaction is still open (on the connection's thread), so before the lane can wait.
+    # The lane's first look finds nothing; another process appends right after that look,
+    # before the lane can wait (the look runs on the loop thread, so nothing else runs
+    # in between).
     appended: list[float] = []
-    peek_plan = _groups.peek_plan
+    has_more_plan = _groups.has_more_plan
 
-    def peek_then_append(group: str, state: LaneState, limit: int):  # type: ignore[no-untyped-def]
-        batch = yield from peek_plan(group, state, limit)
-        if not batch.events and not appended:
-            assert asleep.wait(30)
+    def look_then_append(state: LaneState):  # type: ignore[no-untyped-def]
+        more = yield from has_more_plan(state)
+        if not more and not appended:
             appended.extend(append_elsewhere(db, [{"topic": "t", "payload": "late"}]))
             appended.append(time.monotonic())
-        return batch
+        return more
 
-    monkeypatch.setattr(_groups, "peek_plan", peek_then_append)
+    monkeypatch.setattr(_groups, "has_more_plan", look_then_append)
     async with eventlog.open(db) as log:
         await log.create_topic("t")
         # The group's position exists already, so taking the lane writes nothing (a write of
