@@ -280,9 +280,18 @@ class StreamEndpoint:
             if gone.is_set():
                 return
             wake.clear()  # before the read: a commit after it sets it again
-            events, through = await alog.run(
-                queries.stream_page_plan(cursor, opened.floor, PAGE_EVENTS), "read"
-            )
+            try:
+                events, through = await alog.run(
+                    queries.stream_page_plan(cursor, opened.floor, PAGE_EVENTS), "read"
+                )
+            except EventlogError as exc:
+                # end the response cleanly: the browser reconnects from its last id
+                log.warning("stream ended: %s", exc)
+                with contextlib.suppress(TimeoutError, OSError):
+                    await asyncio.wait_for(
+                        send({"type": "http.response.body", "body": b""}), BYE_TIMEOUT_S
+                    )
+                return
             if events:
                 for body in batches(events):
                     await self._send(send, body, gone)
