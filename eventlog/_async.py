@@ -199,6 +199,17 @@ class AsyncLog:
             _db.drive, aconn._conn, plan, mode, self._write_lock
         )
 
+    async def run_write(self, plan: Plan[T]) -> T:
+        """Drive a write plan: on the loop thread when durability is normal and the lock is
+        free at once (a commit that does not fsync is shorter than a hop), else on the
+        worker thread."""
+        if self._fast_conn is not None:
+            try:
+                return _db.drive(self._fast_conn, plan, "write", self._fast_lock, wait=False)
+            except _db.WouldBlock:
+                pass
+        return await self.run(plan, "write")
+
     # -- writing ------------------------------------------------------------------------------
 
     async def append(
@@ -645,6 +656,10 @@ class AsyncWaiter:
         self.listener.drain()
         self._signal.set()
 
+    def _stop_set(self, stopped: asyncio.Future[Any]) -> None:
+        if not stopped.cancelled():  # cancelled: that wait() ended on its own
+            self._signal.set()
+
     def poke(self) -> None:
         """Wake the waiter from inside this process (for example, a stop request)."""
         self._signal.set()
@@ -652,29 +667,35 @@ class AsyncWaiter:
     async def wait(self, stop: asyncio.Event | None, timeout: float | None) -> bool:
         """True when something new may be there; False on stop or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if stop is not None and stop.is_set():
-                return False
-            if self._signal.is_set():
-                self._signal.clear()
-                self.listener.drain()
-                return True
-            if self.watch.changed():
-                self.listener.drain()
-                return True
-            step = FALLBACK_POLL_S if self._fd >= 0 else 0.005
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-                if step <= 0:
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if stopped is not None:
+            stopped.add_done_callback(self._stop_set)
+        try:
+            while True:
+                if stop is not None and stop.is_set():
                     return False
-            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._signal.wait())]
-            if stop is not None:
-                waits.append(asyncio.ensure_future(stop.wait()))
-            try:
-                await asyncio.wait(waits, timeout=step, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+                if self._signal.is_set():
+                    self._signal.clear()
+                    self.listener.drain()
+                    return not (stop is not None and stop.is_set())
+                if self.watch.changed():
+                    self.listener.drain()
+                    return True
+                step = FALLBACK_POLL_S if self._fd >= 0 else 0.005
+                if deadline is not None:
+                    step = min(step, deadline - time.monotonic())
+                    if step <= 0:
+                        return False
+                # One future per step and no task: an idle waiter wakes here a few times a
+                # second, and that is most of what idling costs.
+                try:
+                    async with asyncio.timeout(step):
+                        await self._signal.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            if stopped is not None:
+                stopped.cancel()
 
     def close(self) -> None:
         if self._fd >= 0:

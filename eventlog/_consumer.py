@@ -349,8 +349,8 @@ class Consumer:
                 if pending is None and not self._read_here(_groups.has_more_plan(state)):
                     await _wait_any(tick, self._stop, revoked)
                     continue
-                batch = await self.log.run(
-                    _groups.advance_plan(self.group, state, pending, size), "write"
+                batch = await self.log.run_write(
+                    _groups.advance_plan(self.group, state, pending, size)
                 )
                 pending = None
                 if batch.events:
@@ -516,7 +516,7 @@ class Consumer:
 
     async def _run_write(self, plan: _core.Plan[Any]) -> Any:
         # A commit must finish even if the consumer is being cancelled.
-        return await asyncio.shield(self.log.run(plan, "write"))
+        return await asyncio.shield(self.log.run_write(plan))
 
     # -- calling the handler ------------------------------------------------------------------
 
@@ -595,7 +595,7 @@ class Consumer:
                                             "redeliver.lock")  # fmt: skip
         if not self._redeliver_lock.held and not self._redeliver_lock.acquire(blocking=False):
             return
-        pending = await self.log.run(_groups.redeliveries_plan(self.group, 100), "read")
+        pending = self._read_here(_groups.redeliveries_plan(self.group, 100))
         if pending:
             self._redeliver_task = asyncio.create_task(self._redeliver(pending))
 
@@ -645,13 +645,17 @@ def _exit_after_hard_timeout(
     os._exit(HARD_TIMEOUT_EXIT_CODE)
 
 
-async def _wait_any(*events: asyncio.Event, timeout: float = 1.0) -> None:
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
+async def _wait_any(tick: asyncio.Event, *others: asyncio.Event, timeout: float = 5.0) -> None:
+    """Wait for the lane's tick (stop and revocation set it too), at most `timeout`: the
+    pump ticks on every wake-up and every changed data_version, so the timeout is only a
+    backstop. No task per wait."""
+    if tick.is_set() or any(e.is_set() for e in others):
+        return
     try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
+        async with asyncio.timeout(timeout):
+            await tick.wait()
+    except TimeoutError:
+        pass
 
 
 async def _sleep_unless(

@@ -224,9 +224,11 @@ def drive(
 
     Writes first take the sidecar write lock: SQLite's busy handler sleeps in coarse steps,
     while a blocked flock wakes the instant the lock is free. Any failure rolls back. With
-    wait=False (a connection whose busy_timeout is 0), a taken lock raises WouldBlock.
+    wait=False (a connection whose busy_timeout is 0), a taken lock raises WouldBlock and
+    leaves the plan unstarted, to be driven again elsewhere.
     """
     locked = False
+    started = False
     try:
         if mode == "write":
             if write_lock is not None:
@@ -246,6 +248,7 @@ def drive(
         elif mode == "read":
             conn.execute(_sql.BEGIN_READ)
         reply: list[Row] | None = None
+        started = True
         try:
             while True:
                 stmt = plan.send(reply)  # type: ignore[arg-type]  # None starts the plan
@@ -269,7 +272,8 @@ def drive(
             raise translate(exc) from exc
         raise
     finally:
-        plan.close()
+        if started:
+            plan.close()
         if locked and write_lock is not None:
             write_lock.release()
 

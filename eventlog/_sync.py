@@ -36,7 +36,7 @@ T = TypeVar("T")
 # child would run SQLite's close path on the parent's handles.
 _ABANDONED: list[object] = []
 
-FALLBACK_POLL_S = 0.1  # how often a waiter checks data_version when no datagram came
+FALLBACK_POLL_S = 0.25  # how often a waiter checks data_version when no datagram came
 
 
 class Draft:
