@@ -126,7 +126,7 @@ class DeadLetterFile:
                 finally:
                     os.close(fd)
                 if size == 0:
-                    _fsync_folder(self.path.parent)
+                    fsync_folder(self.path.parent)
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot write the dead-letter file {self.path}: {exc}",
@@ -219,7 +219,7 @@ class DeadLetterFile:
                 finally:
                     os.close(fd)
                 os.replace(tmp, self.path)
-                _fsync_folder(self.path.parent)
+                fsync_folder(self.path.parent)
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot rewrite the dead-letter file {self.path}: {exc}"
@@ -261,7 +261,8 @@ def _last_byte(path: os.PathLike[str], size: int) -> bytes:
         return f.read(1)
 
 
-def _fsync_folder(folder: os.PathLike[str]) -> None:
+def fsync_folder(folder: os.PathLike[str]) -> None:
+    """Make a rename or a new file in the folder durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -300,3 +301,29 @@ def mark_requeued(file: DeadLetterFile, ids: set[str], at_ms: int) -> list[DeadL
 
 def drop(file: DeadLetterFile, ids: set[str]) -> list[DeadLetter]:
     return file.rewrite(lambda entry: None if entry.id in ids else entry)
+
+
+# -- counts -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DeadLetterCounts:
+    total: int = 0
+    pending: int = 0
+    requeued: int = 0
+    unreadable_lines: int = 0
+    torn_tail: bool = False
+    by_group: dict[str, int] = field(default_factory=dict)  # pending per group
+
+
+def dead_letter_counts(paths: Paths) -> DeadLetterCounts:
+    listing = DeadLetterFile(paths).read()
+    counts = DeadLetterCounts(unreadable_lines=len(listing.bad_lines), torn_tail=listing.torn_tail)
+    for entry in listing.entries:
+        counts.total += 1
+        if entry.requeued:
+            counts.requeued += 1
+        else:
+            counts.pending += 1
+            counts.by_group[entry.group] = counts.by_group.get(entry.group, 0) + 1
+    return counts

@@ -554,10 +554,10 @@ class Demo:
         refuses while the group has live members. Returns (partitions, events to redeliver)."""
         assert self.log is not None
         try:
-            from . import _ops
+            from . import _replay
         except ImportError:  # an eventlog without the operator tools: the same, by hand
             return self._reset_by_hand(group)
-        plan = _ops.replay(self.log, group, _ops.ResetSpec("earliest"), execute=True)
+        plan = _replay.replay(self.log, group, _replay.ResetSpec("earliest"), execute=True)
         return sum(1 for lane in plan.lanes if lane.changes), plan.redelivered
 
     def _reset_by_hand(self, group: str) -> tuple[int, int]:

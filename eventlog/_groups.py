@@ -20,9 +20,24 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from . import _sql
-from ._core import Event, Lane, Plan, Row, Stmt, now_ms, row_to_event, start_position_plan
+from ._core import (
+    Event,
+    Lane,
+    Plan,
+    Row,
+    Stmt,
+    check_name,
+    now_ms,
+    row_to_event,
+    start_position_plan,
+)
+from .errors import NotFound
+
+if TYPE_CHECKING:
+    from ._sync import SyncLog
 
 
 def assign(lanes: Sequence[Lane], members: Sequence[str], me: str) -> set[Lane]:
@@ -282,6 +297,22 @@ def positions_plan(group: str | None = None) -> Plan[list[LanePosition]]:
 def attempts_plan(group: str) -> Plan[list[Row]]:
     """Events of the group being retried: offset, topic, partition, attempts, last error."""
     return (yield Stmt(_sql.GROUP_ATTEMPTS, (group,)))
+
+
+def group_extras_plan(group: str) -> Plan[tuple[list[Row], int]]:
+    """Events the group is retrying (offset, topic, partition, attempts, last failure, error
+    type and message) and how many requeued dead letters wait for it."""
+    retrying = yield from attempts_plan(group)
+    rows = yield Stmt(_sql.PENDING_REDELIVERY_COUNT, (group,))
+    return retrying, int(rows[0][0])
+
+
+def check_group_exists(log: SyncLog, group: str) -> None:
+    """NotFound unless the log knows the group (by a position or a member folder)."""
+    check_name(group, "group", log.limits)
+    if group not in log.group_names():
+        raise NotFound(f"no consumer group named {group!r}",
+                       hint="list the groups with 'eventlog groups'")  # fmt: skip
 
 
 def delete_group_plan(group: str) -> Plan[int]:

@@ -159,3 +159,41 @@ def list_members_of(members_dir: Path, *, skip: str) -> list[str]:
         else:
             try_remove_stale(path)
     return alive
+
+
+# -- what operators see -----------------------------------------------------------------------
+
+STALE_HEARTBEAT_S = 10.0  # members heartbeat every half second; this long means stuck
+
+
+@dataclass(frozen=True)
+class MemberView:
+    member_id: str
+    alive: bool  # holds its member lock: the process exists
+    pid: int | None
+    host: str | None
+    lanes: list[Lane]
+    heartbeat_age_s: float | None
+    stale: bool  # alive, but no heartbeat for longer than the threshold
+
+
+def member_views(
+    paths: Paths, group: str, stale_after_s: float = STALE_HEARTBEAT_S
+) -> list[MemberView]:
+    """The group's members as its heartbeats describe them (read-only)."""
+    views = []
+    for m in list_members(paths, group):
+        note = m.heartbeat or {}
+        age = m.heartbeat_age_s
+        lanes = [(str(t), int(p)) for t, p in note.get("lanes", [])]
+        pid = note.get("pid")
+        stale = m.alive and (age is None or age > stale_after_s)
+        views.append(MemberView(m.member_id, m.alive, int(pid) if pid is not None else None,
+                                note.get("host"), lanes, age, stale))  # fmt: skip
+    return views
+
+
+def live_member_pids(paths: Paths, group: str) -> list[str]:
+    """The pids of the group's live members (a member id where the pid is not known yet)."""
+    return [str(v.pid if v.pid is not None else v.member_id)
+            for v in member_views(paths, group) if v.alive]  # fmt: skip

@@ -191,7 +191,8 @@ PRUNE_LANE_BEFORE = (
 )
 
 # -- operations (cli) -------------------------------------------------------------------------
-# Statements of eventlog/_ops.py (stats, retention, replay, backup, doctor). Only appended to.
+# Statements of the operator tools (_stats, _retention, _replay, _backup, _doctor). Only appended
+# to.
 
 MAX_EVENT_ID = "SELECT max(id) FROM eventlog_events"
 # Capped count: an index walk of at most ? entries, so stats stays fast on any log.

@@ -27,7 +27,23 @@ from typing import IO, Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from . import _core, _db, _ops, _sync
+from . import (
+    _backup,
+    _core,
+    _db,
+    _deadletter,
+    _doctor,
+    _groups,
+    _members,
+    _pipe,
+    _replay,
+    _retention,
+    _schema,
+    _stats,
+    _sync,
+    _tail,
+    _times,
+)
 from .errors import EventlogError, InvalidArgument, InvalidPayload, NotAnEventlogDatabase, NotFound
 
 DEFAULT_DB = "eventlog.db"
@@ -326,7 +342,7 @@ def init(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) -> 
     s = _settings(ctx, db, json_)
     existed = s.path.exists()
     with _open(s, create=True) as log:
-        version = log.run(_ops.schema_version_plan(), "read")
+        version = log.run(_schema.schema_version_plan(), "read")
         path = log.paths.db
     if s.json:
         _emit({"db": str(path), "created": not existed, "schema_version": version})
@@ -352,9 +368,9 @@ def migrate(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) 
     if not paths.db.exists():
         raise NotAnEventlogDatabase(f"no database at {paths.db}",
                                     hint="create it with 'eventlog init'")  # fmt: skip
-    before = _ops.schema_version_of(paths)
+    before = _schema.schema_version_of(paths)
     with _open(s) as log:
-        after = log.run(_ops.schema_version_plan(), "read")
+        after = log.run(_schema.schema_version_plan(), "read")
     if s.json:
         _emit({"db": str(paths.db), "from_version": before, "schema_version": after})
     elif before == after:
@@ -587,10 +603,10 @@ def tail(
     s = _settings(ctx, db, json_)
     start: Any = None
     if from_ is not None:
-        start = _parse("--from", _ops.parse_start, from_)
+        start = _parse("--from", _times.parse_start, from_)
     _core.check_pattern(pattern)
     with _open(s) as log:
-        if not log.run(_ops.matching_topics_plan(pattern), "read"):
+        if not log.run(_tail.matching_topics_plan(pattern), "read"):
             if not follow:
                 raise NotFound(f"no topic matches {pattern!r}",
                                hint="list topics with 'eventlog topics'")  # fmt: skip
@@ -598,7 +614,7 @@ def tail(
         read_limit = limit
         if start is None:
             n = 10 if limit is None else limit
-            start = log.run(_ops.last_events_start_plan(pattern, n), "read")
+            start = log.run(_tail.last_events_start_plan(pattern, n), "read")
             read_limit = None if follow else n
         events = log.read(pattern, start=start, follow=follow, limit=read_limit)
         with contextlib.closing(events):  # type: ignore[type-var]
@@ -696,7 +712,7 @@ StaleOption = Annotated[
 ]  # fmt: skip
 
 
-def _member_json(m: _ops.MemberView) -> dict[str, Any]:
+def _member_json(m: _members.MemberView) -> dict[str, Any]:
     return {"member": m.member_id, "pid": m.pid, "host": m.host, "alive": m.alive,
             "partitions": [[t, p] for t, p in m.lanes],
             "heartbeat_age_s": None if m.heartbeat_age_s is None else
@@ -715,7 +731,7 @@ def _lag_text(positions: Sequence[Any]) -> str:
     return ("" if all(getattr(p, "exact", True) for p in positions) else "~") + str(total)
 
 
-def _show_members(group: str, members: Sequence[_ops.MemberView]) -> None:
+def _show_members(group: str, members: Sequence[_members.MemberView]) -> None:
     live = [m for m in members if m.alive]
     if not live:
         typer.echo("  members: none running")
@@ -754,7 +770,7 @@ def _show_positions(positions: Sequence[Any]) -> None:
 @groups_app.callback(invoke_without_command=True)
 def groups(
     ctx: typer.Context,
-    stale_after: StaleOption = _ops.STALE_HEARTBEAT_S,
+    stale_after: StaleOption = _members.STALE_HEARTBEAT_S,
     db: DbOption = None,
     json_: JsonOption = False,
 ) -> None:
@@ -775,9 +791,9 @@ def groups(
         return
     with _open(s) as log:
         names = log.group_names()
-        lags = log.run(_ops.lags_plan(), "read")
-        views = [(g, _ops.member_views(log, g, stale_after), [x for x in lags if x.group == g])
-                 for g in names]  # fmt: skip
+        lags = log.run(_stats.lags_plan(), "read")
+        views = [(g, _members.member_views(log.paths, g, stale_after),
+                  [x for x in lags if x.group == g]) for g in names]  # fmt: skip
     if s.json:
         for g, members, positions in views:
             _emit({"group": g, "lag": sum(p.lag for p in positions),
@@ -803,7 +819,7 @@ def groups(
 def groups_show(
     ctx: typer.Context,
     group: Annotated[str, typer.Argument(metavar="GROUP")],
-    stale_after: StaleOption = _ops.STALE_HEARTBEAT_S,
+    stale_after: StaleOption = _members.STALE_HEARTBEAT_S,
     db: DbOption = None,
     json_: JsonOption = False,
 ) -> None:
@@ -817,11 +833,11 @@ def groups_show(
     """
     s = _settings(ctx, db, json_)
     with _open(s) as log:
-        _ops.check_group_exists(log, group)
-        members = _ops.member_views(log, group, stale_after)
+        _groups.check_group_exists(log, group)
+        members = _members.member_views(log.paths, group, stale_after)
         positions = log.group_positions(group)
-        retrying, redeliveries = log.run(_ops.group_extras_plan(group), "read")
-        dead = _ops.dead_letter_counts(log.paths).by_group.get(group, 0)
+        retrying, redeliveries = log.run(_groups.group_extras_plan(group), "read")
+        dead = _deadletter.dead_letter_counts(log.paths).by_group.get(group, 0)
     retry_rows = [{"offset": r[0], "topic": r[1], "partition": r[2], "attempts": r[3],
                    "last_failed_at_ms": r[4], "error_type": r[5], "error_message": r[6]}
                   for r in retrying]  # fmt: skip
@@ -870,7 +886,7 @@ def groups_delete(
     """
     s = _settings(ctx, db, json_)
     with _open(s) as log:
-        _ops.check_group_exists(log, group)
+        _groups.check_group_exists(log, group)
         if (
             not yes
             and _interactive()
@@ -988,23 +1004,24 @@ def replay(
             "--shift-by, --to-datetime, --by-duration"
             + (f" (got {', '.join(chosen)})" if chosen else ""),
         )
-    spec: _ops.ResetSpec
+    spec: _replay.ResetSpec
     if to_earliest:
-        spec = _ops.ResetSpec("earliest")
+        spec = _replay.ResetSpec("earliest")
     elif to_latest:
-        spec = _ops.ResetSpec("latest")
+        spec = _replay.ResetSpec("latest")
     elif to_current:
-        spec = _ops.ResetSpec("current")
+        spec = _replay.ResetSpec("current")
     elif to_offset is not None:
-        spec = _ops.ResetSpec("offset", to_offset)
+        spec = _replay.ResetSpec("offset", to_offset)
     elif shift_by is not None:
-        spec = _ops.ResetSpec("shift", shift_by)
+        spec = _replay.ResetSpec("shift", shift_by)
     elif to_datetime is not None:
-        spec = _ops.ResetSpec("datetime", _parse("--to-datetime", _ops.parse_time, to_datetime))
+        moment = _parse("--to-datetime", _times.parse_time, to_datetime)
+        spec = _replay.ResetSpec("datetime", moment)
     else:
         assert by_duration is not None
-        length = abs(_parse("--by-duration", _ops.parse_duration, by_duration))
-        spec = _ops.ResetSpec("datetime", datetime.now(UTC) - length)
+        length = abs(_parse("--by-duration", _times.parse_duration, by_duration))
+        spec = _replay.ResetSpec("datetime", datetime.now(UTC) - length)
     scope = _scope(topic or [])
     waiting = {"said": False}
 
@@ -1015,9 +1032,9 @@ def replay(
             waiting["said"] = True
 
     with _open(s) as log:
-        plan = _ops.replay(log, group, spec, scope, execute=execute, wait=wait,
+        plan = _replay.replay(log, group, spec, scope, execute=execute, wait=wait,
                            wait_timeout=wait_timeout, on_wait=on_wait)  # fmt: skip
-        live = [] if execute else _ops.live_member_pids(log, group)
+        live = [] if execute else _members.live_member_pids(log.paths, group)
     if s.json:
         for lane in plan.lanes:
             _emit({"group": group, "topic": lane.topic, "partition": lane.partition,
@@ -1108,7 +1125,7 @@ def dlq_list(
       eventlog --json dlq list | jq -r 'select(.error_type == "KeyError") | .id'
     """
     s = _settings(ctx, db, json_)
-    moment = _parse("--since", _ops.parse_time, since) if since is not None else None
+    moment = _parse("--since", _times.parse_time, since) if since is not None else None
     with _open(s) as log:
         listing = log.dead_letters(group=group, topic=topic, since=moment,
                                    include_requeued=not pending)  # fmt: skip
@@ -1336,10 +1353,10 @@ def consume(
       eventlog consume billing orders --max-attempts 3 --timeout 30 -- python bill.py
     """
     s = _settings(ctx, db, json_)
-    start = _parse("--from", _ops.parse_start, from_)
+    start = _parse("--from", _times.parse_start, from_)
     _core.check_name(group, "group")
     _core.check_pattern(pattern)
-    handler = _ops.CommandHandler(command, group, timeout)
+    handler = _pipe.CommandHandler(command, group, timeout)
     stop = threading.Event()
     presses = 0
 
@@ -1387,7 +1404,7 @@ def stats(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) ->
     """
     s = _settings(ctx, db, json_)
     with _open(s) as log:
-        st = _ops.stats(log)
+        st = _stats.stats(log)
     lag_by_group: dict[str, dict[str, Any]] = {}
     for lag in st.lags:
         g = lag_by_group.setdefault(lag.group, {"group": lag.group, "lag": 0, "exact": True,
@@ -1415,9 +1432,9 @@ def stats(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) ->
         return
     f = st.files
     typer.echo(f"database      {st.db} (schema version {st.schema_version})")
-    typer.echo(f"files         db {_ops.human_bytes(f['db'])}, WAL {_ops.human_bytes(f['wal'])}, "
-               f"shm {_ops.human_bytes(f['shm'])}, "
-               f"dead letters {_ops.human_bytes(f['deadletter'])}")  # fmt: skip
+    size = _stats.human_bytes
+    typer.echo(f"files         db {size(f['db'])}, WAL {size(f['wal'])}, shm {size(f['shm'])}, "
+               f"dead letters {size(f['deadletter'])}")  # fmt: skip
     typer.echo(f"events        {st.events:,} in {len(st.topics)} topics; head offset {st.head:,}")
     typer.echo(
         f"dead letters  {dl.pending} waiting, {dl.requeued} requeued"
@@ -1479,11 +1496,11 @@ def prune(
         _usage(ctx, "say what to delete: --older-than DURATION, --keep-last N, or both")
     before_ms = None
     if older_than is not None:
-        length = abs(_parse("--older-than", _ops.parse_duration, older_than))
+        length = abs(_parse("--older-than", _times.parse_duration, older_than))
         before_ms = _core.now_ms() - int(length.total_seconds() * 1000)
-    retention = _ops.Retention(before_ms, keep_last, tuple(topic) if topic else None)
+    retention = _retention.Retention(before_ms, keep_last, tuple(topic) if topic else None)
     with _open(s) as log, _Progress(s, "pruning") as progress:
-        report = _ops.prune(log, retention, force=force, dry_run=dry_run,
+        report = _retention.prune(log, retention, force=force, dry_run=dry_run,
                             progress=progress.update)  # fmt: skip
     if s.json:
         for lane in report.lanes:
@@ -1522,15 +1539,15 @@ def checkpoint(ctx: typer.Context, db: DbOption = None, json_: JsonOption = Fals
     """
     s = _settings(ctx, db, json_)
     with _open(s) as log:
-        before = _ops.file_sizes(log.paths)["wal"]
+        before = _stats.file_sizes(log.paths)["wal"]
         busy, pages, done = log.checkpoint()
-        after = _ops.file_sizes(log.paths)["wal"]
+        after = _stats.file_sizes(log.paths)["wal"]
     if s.json:
         _emit({"busy": bool(busy), "wal_pages": pages, "checkpointed": done,
                "wal_bytes_before": before, "wal_bytes_after": after})  # fmt: skip
         return
     typer.echo(f"checkpointed {max(done, 0)} of {max(pages, 0)} WAL pages; WAL "
-               f"{_ops.human_bytes(before)} -> {_ops.human_bytes(after)}")  # fmt: skip
+               f"{_stats.human_bytes(before)} -> {_stats.human_bytes(after)}")  # fmt: skip
     if busy:
         _note("warning: a reader or writer was busy, so the WAL could not be truncated; "
               "run it again in a moment")  # fmt: skip
@@ -1560,14 +1577,14 @@ def backup(
         raise NotAnEventlogDatabase(f"no database at {paths.db}",
                                     hint="check --db or $EVENTLOG_DB")  # fmt: skip
     with _Progress(s, "backing up") as progress:
-        result = _ops.backup(paths, dest, overwrite=force, progress=progress.update)
+        result = _backup.backup(paths, dest, overwrite=force, progress=progress.update)
     if s.json:
         _emit({"source": str(result.source), "dest": str(result.dest), "bytes": result.bytes,
                "pages": result.pages, "deadletter": str(result.deadletter)
                if result.deadletter else None,
                "elapsed_s": round(result.elapsed_s, 3)})  # fmt: skip
         return
-    typer.echo(f"backed up {result.source} to {result.dest} ({_ops.human_bytes(result.bytes)}"
+    typer.echo(f"backed up {result.source} to {result.dest} ({_stats.human_bytes(result.bytes)}"
                f", {result.elapsed_s:.1f}s)")  # fmt: skip
     if result.deadletter:
         typer.echo(f"dead letters copied to {result.deadletter}")
@@ -1599,9 +1616,9 @@ def doctor(
     s = _settings(ctx, db, json_)
     try:
         with _open(s) as log:
-            checks = _ops.doctor(log, quick=quick, lag_warn=lag_warn)
+            checks = _doctor.doctor(log, quick=quick, lag_warn=lag_warn)
     except EventlogError as exc:
-        checks = [_ops.Check("database", "fail", str(exc), exc.hint)]
+        checks = [_doctor.Check("database", "fail", str(exc), exc.hint)]
     for c in checks:
         if s.json:
             _emit({"check": c.name, "status": c.status, "detail": c.detail, "hint": c.hint})

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 import eventlog
-from eventlog import _deadletter, _members, _ops
+from eventlog import _deadletter, _members, _stats, _times
 from eventlog._db import Paths
 from eventlog.cli import app
 
@@ -730,7 +730,7 @@ def test_stats(filled: Path) -> None:
 
 
 def test_stats_estimates_lag_beyond_the_count_cap(db: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(_ops, "LAG_CAP", 50)
+    monkeypatch.setattr(_stats, "LAG_CAP", 50)
     with eventlog.open_sync(db) as log:
         log.append_many([eventlog.Draft("clicks", {"i": i}) for i in range(400)])
     sql(db, "INSERT INTO eventlog_group_offsets VALUES ('late', 'clicks', 0, 100, NULL, NULL, 0)")
@@ -919,20 +919,20 @@ def test_demo_calls_run_demo(monkeypatch: Any, tmp_path: Path) -> None:
      ("-10m", -600), ("PT10M", 600), ("P1DT2H", 93_600), ("1w", 604_800)],
 )  # fmt: skip
 def test_parse_duration(text: str, seconds: float) -> None:
-    assert _ops.parse_duration(text).total_seconds() == seconds
+    assert _times.parse_duration(text).total_seconds() == seconds
 
 
 @pytest.mark.parametrize("text", ["", "10", "m", "10 m", "ten minutes", "P", "PT", "1x"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(eventlog.InvalidArgument):
-        _ops.parse_duration(text)
+        _times.parse_duration(text)
 
 
 def test_parse_time() -> None:
     now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-    assert _ops.parse_time("-10m", now) == now - timedelta(minutes=10)
-    assert _ops.parse_time("2024-05-01T08:00:00", now) == datetime(2024, 5, 1, 8, tzinfo=UTC)
-    assert _ops.parse_time("2024-05-01T10:00:00+02:00", now).astimezone(UTC).hour == 8
-    assert _ops.parse_time("now", now) == now
+    assert _times.parse_time("-10m", now) == now - timedelta(minutes=10)
+    assert _times.parse_time("2024-05-01T08:00:00", now) == datetime(2024, 5, 1, 8, tzinfo=UTC)
+    assert _times.parse_time("2024-05-01T10:00:00+02:00", now).astimezone(UTC).hour == 8
+    assert _times.parse_time("now", now) == now
     with pytest.raises(eventlog.InvalidArgument):
-        _ops.parse_time("yesterday", now)
+        _times.parse_time("yesterday", now)

@@ -1,9 +1,9 @@
 """The Starlette app: the JSON API under /api/v1, /metrics, the pages and their static files.
 
-Every handler calls the library (SyncLog methods, `_ops`, and plans through `log.run`) on a
-worker thread; typed library errors become `{"error": {"type", "message", "hint"}}` with a
-fitting status. Lists are keyset-paginated: a response's `next_cursor` (null at the end)
-goes back as `?cursor=`.
+Every handler calls the library (SyncLog methods, the operator modules such as `_stats` and
+`_replay`, and plans through `log.run`) on a worker thread; typed library errors become
+`{"error": {"type", "message", "hint"}}` with a fitting status. Lists are keyset-paginated: a
+response's `next_cursor` (null at the end) goes back as `?cursor=`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,19 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import __version__, _core, _deadletter, _ops, _sync
+from .. import (
+    __version__,
+    _core,
+    _deadletter,
+    _members,
+    _replay,
+    _schema,
+    _stats,
+    _sync,
+    _times,
+)
 from .._async import AsyncLog
+from .._groups import check_group_exists, group_extras_plan
 from .._sync import SyncLog
 from ..errors import (
     DatabaseBusy,
@@ -193,7 +204,7 @@ def _time_param(request: Request, name: str) -> int | None:
     text = request.query_params.get(name)
     if not text:
         return None
-    return _core.datetime_ms(_ops.parse_time(text))
+    return _core.datetime_ms(_times.parse_time(text))
 
 
 def _limit(request: Request, default: int, high: int) -> int:
@@ -213,8 +224,8 @@ async def healthz(request: Request) -> Response:
 def _info(state: ServerState) -> dict[str, Any]:
     slog = state.log
     head = slog.head()
-    version = slog.run(_ops.schema_version_plan(), "read")
-    dl = _ops.dead_letter_counts(slog.paths)
+    version = slog.run(_schema.schema_version_plan(), "read")
+    dl = _deadletter.dead_letter_counts(slog.paths)
     return {
         "version": __version__, "db": str(slog.paths.db), "schema_version": version,
         "head": head, "now_ms": _core.now_ms(), "started_at_ms": state.started_ms,
@@ -223,7 +234,7 @@ def _info(state: ServerState) -> dict[str, Any]:
         **stream_stats(state.hub),
         "dead_letters": {"total": dl.total, "pending": dl.pending, "requeued": dl.requeued,
                          "unreadable_lines": dl.unreadable_lines, "torn_tail": dl.torn_tail},
-        "files": _ops.file_sizes(slog.paths),
+        "files": _stats.file_sizes(slog.paths),
     }  # fmt: skip
 
 
@@ -239,10 +250,10 @@ def _metric_label(value: object) -> str:
 def _metrics(state: ServerState) -> str:
     slog = state.log
     now = _core.now_ms()
-    head, _, topics, lags = slog.run(_ops.stats_plan(now), "read")
+    head, _, topics, lags = slog.run(_stats.stats_plan(now), "read")
     lag_ms = slog.run(queries.lag_times_plan(
         [(x.topic, x.partition, x.position, x.lag) for x in lags], now), "read")  # fmt: skip
-    dl = _ops.dead_letter_counts(slog.paths)
+    dl = _deadletter.dead_letter_counts(slog.paths)
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -303,8 +314,8 @@ async def metrics(request: Request) -> Response:
 # -- topics and events ------------------------------------------------------------------------
 
 
-def _topics(state: ServerState) -> tuple[int, list[_ops.TopicStats]]:
-    head, _, topics, _ = state.log.run(_ops.stats_plan(_core.now_ms()), "read")
+def _topics(state: ServerState) -> tuple[int, list[_stats.TopicStats]]:
+    head, _, topics, _ = state.log.run(_stats.stats_plan(_core.now_ms()), "read")
     return head, topics
 
 
@@ -412,14 +423,14 @@ async def append(request: Request) -> Response:
 # -- groups -----------------------------------------------------------------------------------
 
 
-def _member_json(m: _ops.MemberView) -> dict[str, Any]:
+def _member_json(m: _members.MemberView) -> dict[str, Any]:
     return {"member": m.member_id, "pid": m.pid, "host": m.host, "alive": m.alive,
             "partitions": [[t, p] for t, p in m.lanes],
             "heartbeat_age_s": None if m.heartbeat_age_s is None else
             round(m.heartbeat_age_s, 3), "stale": m.stale}  # fmt: skip
 
 
-def _lane_json(x: _ops.LaneLag, lag_ms: int) -> dict[str, Any]:
+def _lane_json(x: _stats.LaneLag, lag_ms: int) -> dict[str, Any]:
     return {"topic": x.topic, "partition": x.partition, "position": x.position,
             "head": x.head, "lag": x.lag, "lag_exact": x.exact, "lag_ms": lag_ms,
             "in_flight": list(x.in_flight) if x.in_flight else None,
@@ -431,13 +442,13 @@ def _groups(state: ServerState, after: str | None, limit: int) -> dict[str, Any]
     names = [g for g in slog.group_names() if after is None or g > after]
     page = names[:limit]
     now = _core.now_ms()
-    lags = [x for x in slog.run(_ops.lags_plan(), "read") if x.group in set(page)]
+    lags = [x for x in slog.run(_stats.lags_plan(), "read") if x.group in set(page)]
     lag_ms = slog.run(queries.lag_times_plan(
         [(x.topic, x.partition, x.position, x.lag) for x in lags], now), "read")  # fmt: skip
-    dead = _ops.dead_letter_counts(slog.paths).by_group
+    dead = _deadletter.dead_letter_counts(slog.paths).by_group
     groups = []
     for g in page:
-        members = _ops.member_views(slog, g)
+        members = _members.member_views(slog.paths, g)
         mine = [(x, ms) for x, ms in zip(lags, lag_ms, strict=True) if x.group == g]
         groups.append({
             "group": g, "lag": sum(x.lag for x, _ in mine),
@@ -459,14 +470,14 @@ async def groups(request: Request) -> Response:
 
 def _group(state: ServerState, group: str) -> dict[str, Any]:
     slog = state.log
-    _ops.check_group_exists(slog, group)
+    check_group_exists(slog, group)
     now = _core.now_ms()
-    members = _ops.member_views(slog, group)
-    lags = slog.run(_ops.lags_plan(group), "read")
+    members = _members.member_views(slog.paths, group)
+    lags = slog.run(_stats.lags_plan(group), "read")
     lag_ms = slog.run(queries.lag_times_plan(
         [(x.topic, x.partition, x.position, x.lag) for x in lags], now), "read")  # fmt: skip
-    retrying, waiting = slog.run(_ops.group_extras_plan(group), "read")
-    dead = _ops.dead_letter_counts(slog.paths).by_group.get(group, 0)
+    retrying, waiting = slog.run(group_extras_plan(group), "read")
+    dead = _deadletter.dead_letter_counts(slog.paths).by_group.get(group, 0)
     return {
         "group": group, "now_ms": now,
         "lag": sum(x.lag for x in lags), "lag_exact": all(x.exact for x in lags),
@@ -491,13 +502,13 @@ async def group(request: Request) -> Response:
 RESET_KINDS = ("earliest", "latest", "current", "offset", "shift", "datetime", "duration")
 
 
-def reset_spec(body: dict[str, Any]) -> _ops.ResetSpec:
+def reset_spec(body: dict[str, Any]) -> _replay.ResetSpec:
     kind = body.get("spec")
     value = body.get("value")
     if kind not in RESET_KINDS:
         raise InvalidArgument(f"spec must be one of {', '.join(RESET_KINDS)}, got {kind!r}")
     if kind in ("earliest", "latest", "current"):
-        return _ops.ResetSpec(kind)
+        return _replay.ResetSpec(kind)
     if kind in ("offset", "shift"):
         if (
             not isinstance(value, int)
@@ -506,16 +517,16 @@ def reset_spec(body: dict[str, Any]) -> _ops.ResetSpec:
         ):
             raise InvalidArgument(f"{kind} needs a whole number value"
                                   + (" >= 0" if kind == "offset" else ""))  # fmt: skip
-        return _ops.ResetSpec(kind, value)
+        return _replay.ResetSpec(kind, value)
     if not isinstance(value, str):
         raise InvalidArgument(
             f"{kind} needs a text value, such as "
             + ("2024-05-01T08:00:00 or -1h" if kind == "datetime" else "2h")
         )
     if kind == "datetime":
-        return _ops.ResetSpec("datetime", _ops.parse_time(value))
-    length = abs(_ops.parse_duration(value))
-    return _ops.ResetSpec("datetime", datetime.now(UTC) - length)
+        return _replay.ResetSpec("datetime", _times.parse_time(value))
+    length = abs(_times.parse_duration(value))
+    return _replay.ResetSpec("datetime", datetime.now(UTC) - length)
 
 
 def reset_scope(value: object) -> list[tuple[str, list[int] | None]] | None:
@@ -545,9 +556,9 @@ def _reset(state: ServerState, group: str, body: dict[str, Any]) -> dict[str, An
     if not isinstance(execute, bool):
         raise InvalidArgument("execute must be true or false")
     slog = state.log
-    _ops.check_group_exists(slog, group)
-    plan = _ops.replay(slog, group, spec, scope, execute=execute)
-    live = [] if execute else _ops.live_member_pids(slog, group)
+    check_group_exists(slog, group)
+    plan = _replay.replay(slog, group, spec, scope, execute=execute)
+    live = [] if execute else _members.live_member_pids(slog.paths, group)
     return {
         "group": group, "spec": spec.describe(), "executed": plan.executed,
         "live_members": live, "redelivered": plan.redelivered, "skipped": plan.skipped,

@@ -15,9 +15,8 @@ from typing import Any
 from .. import _core, _sql
 from .._core import Event, Lane, Plan, ReadCursor, Row, Stmt
 from .._deadletter import DeadLetter
+from .._tail import NEVER
 from ..errors import InvalidArgument
-
-NEVER = 1 << 62  # larger than any offset
 
 # -- the stream ---------------------------------------------------------------------------
 

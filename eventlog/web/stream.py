@@ -32,7 +32,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .. import _core, _ops
+from .. import _core, _times
 from .._async import AsyncLog, AsyncWaiter
 from .._core import Event
 from ..errors import EventlogError, InvalidArgument
@@ -136,7 +136,7 @@ def parse_request(query_string: bytes, last_event_id: str | None) -> StreamReque
         resume = int(text)
     start: str | int | datetime = "latest"
     if from_values:
-        start = _ops.parse_start(from_values[-1])
+        start = _times.parse_start(from_values[-1])
     if last_event_id is not None:
         text = last_event_id.strip()
         if text.isdigit() and len(text) <= 18:

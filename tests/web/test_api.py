@@ -15,7 +15,7 @@ import pytest
 from conftest import raw
 
 import eventlog
-from eventlog import Draft, _core, _db, _deadletter, _members, _ops
+from eventlog import Draft, _core, _db, _deadletter, _members, _replay
 
 from .conftest import Server, start_server
 
@@ -37,7 +37,7 @@ def append(db: Path, topic: str, payloads: list[Any], **kw: Any) -> list[int]:
 
 def set_position(db: Path, group: str, topic: str, first_to_deliver: int) -> None:
     with eventlog.open_sync(db) as log:
-        _ops.replay(log, group, _ops.ResetSpec("offset", first_to_deliver), [(topic, None)],
+        _replay.replay(log, group, _replay.ResetSpec("offset", first_to_deliver), [(topic, None)],
                     execute=True)  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import raw
 
 import eventlog
-from eventlog import Draft, _db, _members, _ops
+from eventlog import Draft, _db, _deadletter, _members, _replay
 
 from .conftest import CI, Server, need, start_server, wait_until
 
@@ -188,12 +188,13 @@ def showcase(db: Path) -> None:
             raise ValueError(f"card declined for order {event.payload['id']}")
 
     def dead() -> bool:
-        return _ops.dead_letter_counts(_db.Paths.for_db(db)).pending == 3
+        return _deadletter.dead_letter_counts(_db.Paths.for_db(db)).pending == 3
 
     consume(db, "billing", "orders", billing, dead)
     with eventlog.open_sync(db) as log:
-        _ops.replay(log, "billing", _ops.ResetSpec("shift", -30), None, execute=True)
-        _ops.replay(log, "audit", _ops.ResetSpec("latest"), [("payments.eu", None)], execute=True)
+        _replay.replay(log, "billing", _replay.ResetSpec("shift", -30), None, execute=True)
+        _replay.replay(log, "audit", _replay.ResetSpec("latest"), [("payments.eu", None)],
+                       execute=True)
 
 
 def test_login_sets_an_httponly_cookie_and_the_overview_shows_the_log(
@@ -240,7 +241,7 @@ def overview(browser: Browser, server: Server, web_db: Path, shots: Path) -> Non
         stop.set()
         appender.join(10)
     assert page.inner_text("#connection") == "connected"
-    pending = _ops.dead_letter_counts(_db.Paths.for_db(web_db)).pending
+    pending = _deadletter.dead_letter_counts(_db.Paths.for_db(web_db)).pending
     assert pending and page.inner_text("#dl-badge") == str(pending)
     assert "billing" in page.inner_text("#groups")
     assert page.inner_text("#groups tr[data-group='audit'] td:nth-child(2)") == "1"
@@ -432,7 +433,7 @@ def test_a_second_origin_page_cannot_append_requeue_purge_or_reset(
         raise RuntimeError("no")
 
     consume(web_db, "g", "safe", fail,
-            lambda: _ops.dead_letter_counts(_db.Paths.for_db(web_db)).pending == 3
+            lambda: _deadletter.dead_letter_counts(_db.Paths.for_db(web_db)).pending == 3
             and group_position(web_db, "g") == offsets[-1])  # fmt: skip
     server = start_server(web_db)
     servers.append(server)
@@ -499,7 +500,7 @@ def test_requeue_button_sends_dead_letters_back_to_their_group(
             raise ValueError(f"cannot handle {event.offset}")
 
     consume(web_db, "billing", "orders", picky,
-            lambda: _ops.dead_letter_counts(paths).pending == 2
+            lambda: _deadletter.dead_letter_counts(paths).pending == 2
             and group_position(web_db, "billing") == offsets[-1])  # fmt: skip
     server = start_server(web_db)
     servers.append(server)
@@ -532,7 +533,7 @@ def test_reset_dialog_shows_the_plan_and_refuses_a_live_group(
 ) -> None:
     offsets = append(web_db, "r", [{"n": i} for i in range(12)])
     with eventlog.open_sync(web_db) as log:
-        _ops.replay(log, "rg", _ops.ResetSpec("latest"), [("r", None)], execute=True)
+        _replay.replay(log, "rg", _replay.ResetSpec("latest"), [("r", None)], execute=True)
     member = _members.Membership(_db.Paths.for_db(web_db), "rg")
     server = start_server(web_db)
     servers.append(server)
@@ -571,7 +572,7 @@ def test_read_only_mode_offers_no_writes(
 ) -> None:
     append(web_db, "ro", [{"n": 1}])
     with eventlog.open_sync(web_db) as log:
-        _ops.replay(log, "rog", _ops.ResetSpec("latest"), [("ro", None)], execute=True)
+        _replay.replay(log, "rog", _replay.ResetSpec("latest"), [("ro", None)], execute=True)
     server = start_server(web_db, "--read-only")
     servers.append(server)
     page = signed_in(browser, server)

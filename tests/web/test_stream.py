@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import eventlog
-from eventlog import Draft, _ops
+from eventlog import Draft, _retention
 
 from .conftest import SSE, Server, start_server, wait_until
 
@@ -134,7 +134,7 @@ def test_checkpoints_come_at_most_once_per_keepalive_period(server: Server) -> N
 def test_gap_when_the_resume_point_was_pruned(server: Server) -> None:
     offsets = append_many(server.db, "g", 100)
     with eventlog.open_sync(server.db) as log:
-        report = _ops.prune(log, _ops.Retention(keep_last=10), force=True)
+        report = _retention.prune(log, _retention.Retention(keep_last=10), force=True)
     assert report.events == 90
     with SSE(server, {"topic": "g", "after": offsets[19]}) as stream:
         assert stream.next().retry is not None

@@ -1,0 +1,98 @@
+"""Online backup (`eventlog backup`): a consistent copy of the database, and of the dead-letter
+file beside it, while producers and consumers keep writing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _db, _deadletter, _sql
+from ._locks import FileLock
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    source: Path
+    dest: Path
+    bytes: int
+    pages: int
+    deadletter: Path | None  # where the dead-letter file was copied, if there was one
+    elapsed_s: float
+
+
+def backup(
+    paths: _db.Paths,
+    dest: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    pages_per_step: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> BackupResult:
+    """A consistent copy of the database while producers and consumers keep writing.
+
+    SQLite's online backup API copies `pages_per_step` pages at a time from one read
+    transaction held for the whole copy: a snapshot, so concurrent commits neither restart
+    the copy nor appear half in it (they land in the WAL meanwhile). The copy is written to a
+    temporary file and renamed into place. The dead-letter file is copied beside it, under its
+    lock.
+    """
+    target = _db.Paths.for_db(dest)
+    if target.db == paths.db:
+        raise InvalidArgument("the backup cannot overwrite the database itself")
+    if not target.db.parent.is_dir():
+        raise InvalidArgument(f"folder {target.db.parent} does not exist")
+    if target.db.exists() and not overwrite:
+        raise InvalidArgument(
+            f"{target.db} already exists",
+            hint="choose a new file name, or pass --force to replace it",
+        )
+    started = time.monotonic()
+    tmp = target.db.with_name(f".{target.db.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    source = _db.connect(paths, durability="full", busy_timeout_ms=10_000)
+    pages = 0
+    try:
+        copy = sqlite3.connect(tmp, isolation_level=None)
+        try:
+
+            def step(status: int, remaining: int, total: int) -> None:
+                nonlocal pages
+                pages = total
+                if progress is not None:
+                    progress(total - remaining, total)
+
+            source.execute(_sql.BEGIN_READ)
+            source.execute(_sql.BACKUP_SNAPSHOT).fetchall()
+            source.backup(copy, pages=pages_per_step, progress=step, sleep=0)
+            source.execute(_sql.COMMIT)
+        finally:
+            copy.close()
+        for suffix in ("-wal", "-shm"):
+            target.db.with_name(target.db.name + suffix).unlink(missing_ok=True)
+        os.replace(tmp, target.db)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        source.close()
+    copied = None
+    lock = FileLock(paths.deadletter_lock)
+    try:
+        with lock:
+            if paths.deadletter.exists():
+                shutil.copyfile(paths.deadletter, target.deadletter)
+                os.chmod(target.deadletter, 0o600)
+                copied = target.deadletter
+    finally:
+        lock.close()
+    _deadletter.fsync_folder(target.db.parent)
+    return BackupResult(paths.db, target.db, target.db.stat().st_size, pages, copied,
+                        time.monotonic() - started)  # fmt: skip
