@@ -687,9 +687,9 @@ def test_dlq_purge(filled: Path) -> None:
 
 
 def test_purge_and_group_delete_ask_first_on_a_terminal(filled: Path, monkeypatch: Any) -> None:
-    import eventlog.cli
+    from eventlog.cli import _format
 
-    monkeypatch.setattr(eventlog.cli, "_interactive", lambda: True)
+    monkeypatch.setattr(_format, "_interactive", lambda: True)
     add_dead_letter(filled, "billing", "orders", 3)
     consume(filled, "billing", "orders", 10)
     before_file, before_db = Paths.for_db(filled).deadletter.read_bytes(), dump(filled)

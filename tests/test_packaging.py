@@ -57,6 +57,8 @@ def test_wheel_contains_every_migration_and_py_typed(wheel: Path) -> None:
     assert expected <= names, f"missing from the wheel: {expected - names}"
     assert "eventlog/migrations/__init__.py" in names
     assert "eventlog/py.typed" in names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "eventlog").rglob("*.py")}
+    assert modules <= names, f"modules missing from the wheel: {modules - names}"
     assert not any("__pycache__" in n or n.startswith("tests/") for n in names)
 
 
