@@ -552,9 +552,7 @@ class ReadCursor:
 
 def resolve_lanes_plan(compiled: re.Pattern[str]) -> Plan[list[Lane]]:
     rows = yield Stmt(_sql.ALL_TOPIC_PARTITIONS)
-    return [
-        (name, p) for name, n in rows if topic_matches(compiled, name) for p in range(int(n))
-    ]
+    return [(name, p) for name, n in rows if topic_matches(compiled, name) for p in range(int(n))]
 
 
 def open_cursor_plan(

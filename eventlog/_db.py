@@ -44,8 +44,7 @@ class Paths:
     def for_db(cls, path: str | os.PathLike[str]) -> Paths:
         if isinstance(path, str) and (path == ":memory:" or path.startswith("file:")):
             raise InvalidArgument(
-                "eventlog needs a database file on disk (other processes share it), "
-                f"not {path!r}"
+                f"eventlog needs a database file on disk (other processes share it), not {path!r}"
             )
         return cls(Path(path).absolute())
 
@@ -348,13 +347,10 @@ def migrate(conn: sqlite3.Connection, write_lock: FileLock | None = None) -> int
                 return False
             for statement in split_statements(m.sql):
                 yield Stmt(statement)
-            yield Stmt(
-                _sql.RECORD_MIGRATION, (m.version, m.name, time.time_ns() // 1_000_000)
-            )
+            yield Stmt(_sql.RECORD_MIGRATION, (m.version, m.name, time.time_ns() // 1_000_000))
             return True
 
         if drive(conn, apply(), "write", write_lock):
             log.info("applied migration %s", migration.name)
         current = migration.version
     return current
-

@@ -49,8 +49,7 @@ TOPIC_PARTITIONS = "SELECT partitions FROM eventlog_topics WHERE name = ?"
 TOPIC_COUNTS = "SELECT partitions, counted_through FROM eventlog_topics WHERE name = ?"
 ALL_TOPIC_PARTITIONS = "SELECT name, partitions FROM eventlog_topics ORDER BY name"
 COUNT_LANE_RANGE = (
-    "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
-    " AND id <= ?"
+    "SELECT count(*) FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ? AND id <= ?"
 )
 FOLD_TOPIC_COUNT = (
     "UPDATE eventlog_topics SET events = events + ?, counted_through = ? WHERE name = ?"
@@ -186,9 +185,7 @@ DONE_REDELIVERY = "DELETE FROM eventlog_redeliveries WHERE group_name = ? AND ev
 
 # -- retention --------------------------------------------------------------------------------
 
-PRUNE_LANE_BEFORE = (
-    "DELETE FROM eventlog_events WHERE topic = ? AND partition = ? AND id <= ?"
-)
+PRUNE_LANE_BEFORE = "DELETE FROM eventlog_events WHERE topic = ? AND partition = ? AND id <= ?"
 
 # -- operations (cli) -------------------------------------------------------------------------
 # Statements of the operator tools (_stats, _retention, _replay, _backup, _doctor). Only appended

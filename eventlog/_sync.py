@@ -593,4 +593,3 @@ def append_in_transaction(
         )
     encoded = _core.encode_event(topic, payload, key, headers, dedupe_key, limits)
     return _db.drive(conn, _core.append_plan([encoded], TopicCache()), "none")[0]
-

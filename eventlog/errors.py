@@ -74,8 +74,7 @@ class DatabaseBusy(StorageError):
 
 class UnsupportedFilesystem(StorageError):
     hint = (
-        "put the database on a local file system: network file systems break "
-        "SQLite's WAL and flock"
+        "put the database on a local file system: network file systems break SQLite's WAL and flock"
     )
 
 
