@@ -564,12 +564,11 @@ class AsyncLog:
         include_requeued: bool = True,
     ) -> _deadletter.Listing:
         """The dead-letter file's entries (filtered), with the lines it could not read."""
-        listing = await asyncio.to_thread(_deadletter.DeadLetterFile(self.paths).read)
-        listing.entries = _deadletter.select(
-            listing.entries, group=group, topic=topic, include_requeued=include_requeued,
+        return await asyncio.to_thread(
+            _deadletter.filtered, self.paths, group=group, topic=topic,
+            include_requeued=include_requeued,
             since_ms=_core.datetime_ms(since) if since is not None else None,
         )  # fmt: skip
-        return listing
 
     async def requeue_dead_letters(
         self,

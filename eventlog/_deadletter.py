@@ -327,3 +327,20 @@ def dead_letter_counts(paths: Paths) -> DeadLetterCounts:
             counts.pending += 1
             counts.by_group[entry.group] = counts.by_group.get(entry.group, 0) + 1
     return counts
+
+
+def filtered(
+    paths: Paths,
+    *,
+    group: str | None = None,
+    topic: str | None = None,
+    since_ms: int | None = None,
+    include_requeued: bool = True,
+) -> Listing:
+    """The file's entries that pass the filters, with the lines it could not read."""
+    listing = DeadLetterFile(paths).read()
+    listing.entries = select(
+        listing.entries, group=group, topic=topic, since_ms=since_ms,
+        include_requeued=include_requeued,
+    )  # fmt: skip
+    return listing

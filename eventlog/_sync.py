@@ -402,12 +402,10 @@ class SyncLog:
         include_requeued: bool = True,
     ) -> _deadletter.Listing:
         """The dead-letter file's entries (filtered), with the lines it could not read."""
-        listing = _deadletter.DeadLetterFile(self.paths).read()
-        listing.entries = _deadletter.select(
-            listing.entries, group=group, topic=topic, include_requeued=include_requeued,
+        return _deadletter.filtered(
+            self.paths, group=group, topic=topic, include_requeued=include_requeued,
             since_ms=_core.datetime_ms(since) if since is not None else None,
         )  # fmt: skip
-        return listing
 
     def dead_letter(self, dead_letter_id: str) -> _deadletter.DeadLetter:
         _deadletter.check_id(dead_letter_id)
