@@ -163,6 +163,13 @@ def start_attempt_plan(group: str, event: Event, attempts: int) -> Plan[None]:
     yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
 
 
+def _failed_attempt_plan(
+    group: str, event: Event, attempts: int, error: tuple[str, str, str], ts: int
+) -> Plan[None]:
+    yield from start_attempt_plan(group, event, attempts)
+    yield Stmt(_sql.RECORD_FAILURE, (ts, ts, *error, group, event.offset))
+
+
 def record_failure_plan(
     group: str,
     event: Event,
@@ -174,8 +181,7 @@ def record_failure_plan(
     events before it and takes it out of the in-flight range: its attempts are now counted
     one by one."""
     ts = now_ms()
-    yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
-    yield Stmt(_sql.RECORD_FAILURE, (ts, ts, *error, group, event.offset))
+    yield from _failed_attempt_plan(group, event, attempts, error, ts)
     if state is not None and not state.suspect(event.offset):
         yield from _commit_before(group, state, event)
 
@@ -193,8 +199,7 @@ def record_hard_timeout_plan(
     stay), commit the events before it and clear the in-flight marker, since none of the
     events after it ran (the next owner must not charge them the crash)."""
     ts = now_ms()
-    yield Stmt(_sql.START_ATTEMPT, (group, event.offset, event.topic, event.partition, attempts))
-    yield Stmt(_sql.RECORD_FAILURE, (ts, ts, *error, group, event.offset))
+    yield from _failed_attempt_plan(group, event, attempts, error, ts)
     if state is not None and not state.suspect(event.offset):
         topic, partition = state.lane
         yield Stmt(_sql.COMMIT_GROUP_LANE,
