@@ -240,10 +240,11 @@ class AsyncLog:
         if self._fast_conn is None:
             return None
         try:
-            offsets = _db.drive(
+            offsets = _db.append(
                 self._fast_conn,
-                _core.append_plan(encoded, self._cache, self.default_partitions),
-                "write",
+                encoded,
+                self._cache,
+                self.default_partitions,
                 self._fast_lock,
                 wait=False,
             )
@@ -379,8 +380,14 @@ class AsyncLog:
                 # big batches go to the worker: the loop stays free while they are written
                 offsets = self._append_now(flat) if len(flat) <= FAST_BATCH_MAX else None
                 if offsets is None:
-                    offsets = await self.run(
-                        _core.append_plan(flat, self._cache, self.default_partitions), "write"
+                    aconn = self._check()
+                    offsets = await aconn._execute(  # type: ignore[no-untyped-call]
+                        _db.append,
+                        aconn._conn,
+                        flat,
+                        self._cache,
+                        self.default_partitions,
+                        self._write_lock,
                     )
                     assert self._wake is not None
                     self._wake.notify()

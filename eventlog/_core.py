@@ -16,7 +16,7 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 from . import _sql
 from .errors import InvalidArgument, InvalidName, InvalidPayload, PayloadTooLarge, TopicConflict
@@ -209,36 +209,40 @@ def _nesting(value: Any) -> int:
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_STR = frozenset({str})
 _CONTAINERS = (dict, list, tuple)
 
 
 def _check_object_keys(value: Any, what: str) -> None:
     """json.dumps turns int, float, bool and None keys into strings: {1: "a", "1": "b"}
     would come back as {"1": "b"}. Only str keys round-trip, so only they are accepted.
-    Iterative: dumps already bounded the depth; this must not hit the recursion limit."""
+    Iterative: dumps already bounded the depth; this must not hit the recursion limit.
+    The type sets are checked in C (issuperset over map(type, ...)): no Python step per key."""
     stack = [value]
-    pop, push = stack.pop, stack.append
     while stack:
-        item = pop()
+        item = stack.pop()
         if isinstance(item, dict):
-            for key in item:
-                if key.__class__ is not str and not isinstance(key, str):
-                    raise InvalidPayload(
-                        f"{what} is not plain JSON: object key {key!r} is not a string "
-                        "(JSON would turn it into one)"
-                    )
-            for child in item.values():
-                if child.__class__ not in _SCALARS and isinstance(child, _CONTAINERS):
-                    push(child)
+            if not _STR.issuperset(map(type, item)):
+                for key in item:
+                    if not isinstance(key, str):
+                        raise InvalidPayload(
+                            f"{what} is not plain JSON: object key {key!r} is not a string "
+                            "(JSON would turn it into one)"
+                        )
+            children: Iterable[Any] = item.values()
         elif isinstance(item, _CONTAINERS):
-            for child in item:
-                if child.__class__ not in _SCALARS and isinstance(child, _CONTAINERS):
-                    push(child)
+            children = item
+        else:
+            continue  # a subclass of a scalar type (an IntEnum, say) at the top
+        if not _SCALARS.issuperset(map(type, children)):
+            for child in children:
+                if isinstance(child, _CONTAINERS):
+                    stack.append(child)
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """An event checked and encoded, ready for INSERT_EVENT (partition still to choose)."""
+class EncodedEvent(NamedTuple):
+    """An event checked and encoded, ready for INSERT_EVENT (partition still to choose).
+    A NamedTuple: made once per append, and a frozen dataclass costs a setattr per field."""
 
     topic: str
     key: str | None
@@ -270,10 +274,13 @@ def encode_event(
     """Validate and encode one event; raises a typed error and touches nothing on bad input."""
     check_name(topic, "topic", limits)
     text = encode_json(payload, "payload", limits.max_depth)
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidPayload(f"payload holds text that is not valid unicode: {exc}") from exc
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(f"payload holds text that is not valid unicode: {exc}") from exc
     if size > limits.max_payload_bytes:
         raise PayloadTooLarge(
             f"payload is {size} bytes as JSON; the limit is {limits.max_payload_bytes} bytes"
@@ -479,39 +486,52 @@ def append_plan(
             rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
             cache.partitions[topic] = int(rows[0][0])
             cache.counted[topic] = int(rows[0][1])
-    params = [
-        (
-            e.topic,
-            partition_for(e.key, cache.partitions[e.topic], cache.next_spread(e.topic)),
-            e.key,
-            e.payload,
-            e.headers,
-            ts,
-            e.dedupe_key,
-        )
-        for e in events
-    ]
-    offsets: list[int] = []
-    if len(params) == 1 and events[0].dedupe_key is None:
-        rows = yield Stmt(_sql.INSERT_EVENT_RETURNING, params[0])
-        offsets.append(int(rows[0][0]))
-    elif any(e.dedupe_key is not None for e in events):
-        for p, e in zip(params, events, strict=True):
-            rows = yield Stmt(_sql.INSERT_EVENT_DEDUPED, p)
+    partitions, spread = cache.partitions, cache.next_spread
+    chosen = [partition_for(e.key, partitions[e.topic], spread(e.topic)) for e in events]
+    if any(e.dedupe_key is not None for e in events):
+        offsets = []
+        for e, partition in zip(events, chosen, strict=True):
+            params = (e.topic, partition, e.key, e.payload, e.headers, ts, e.dedupe_key)
+            rows = yield Stmt(_sql.INSERT_EVENT_DEDUPED, params)
             if not rows:
                 rows = yield Stmt(_sql.OFFSET_OF_DEDUPE_KEY, (e.topic, e.dedupe_key))
             offsets.append(int(rows[0][0]))
     else:
-        # One statement for the whole batch. Under the write lock AUTOINCREMENT hands out
-        # consecutive ids, so the last id names them all.
-        yield Stmt(_sql.INSERT_EVENT, params, many=True)
-        rows = yield Stmt(_sql.LAST_INSERT_ID)
-        last = int(rows[0][0])
-        offsets = list(range(last - len(params) + 1, last + 1))
+        # One statement for the whole batch, with the offsets chosen here: the transaction
+        # holds the write lock, so nobody takes them meanwhile (and the per-row subquery of
+        # INSERT_EVENT is spared).
+        rows = yield Stmt(_sql.HEAD_OFFSET)
+        first = int(rows[0][0]) + 1
+        batch = [
+            (first + i, e.topic, partition, e.key, e.payload, e.headers, ts)
+            for i, (e, partition) in enumerate(zip(events, chosen, strict=True))
+        ]
+        yield Stmt(_sql.INSERT_EVENTS_AT, batch, many=True)
+        offsets = list(range(first, first + len(batch)))
     for topic in dict.fromkeys(e.topic for e in events):
-        if offsets[-1] - cache.counted.get(topic, 0) >= FOLD_EVERY:
+        if fold_due(topic, offsets[-1], cache):
             yield from fold_count_plan(topic, cache, offsets[-1])
     return offsets
+
+
+def lone_insert(event: EncodedEvent, cache: TopicCache) -> Stmt | None:
+    """The one INSERT that appends `event` as a transaction of its own (autocommit: no
+    BEGIN and COMMIT round trips), when nothing must share that transaction: its topic is
+    known to exist and it has no dedupe key to look up. None otherwise."""
+    partitions = cache.partitions.get(event.topic)
+    if partitions is None or event.dedupe_key is not None:
+        return None
+    partition = (
+        0
+        if partitions == 1
+        else partition_for(event.key, partitions, cache.next_spread(event.topic))
+    )
+    params = (event.topic, partition, event.key, event.payload, event.headers, now_ms(), None)
+    return Stmt(_sql.INSERT_EVENT, params)
+
+
+def fold_due(topic: str, newest: int, cache: TopicCache) -> bool:
+    return newest - cache.counted.get(topic, 0) >= FOLD_EVERY
 
 
 def fold_count_plan(topic: str, cache: TopicCache, through: int) -> Plan[None]:

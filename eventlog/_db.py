@@ -7,13 +7,14 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from . import _sql
-from ._core import Mode, Plan, Row, Stmt
+from . import _core, _sql
+from ._core import EncodedEvent, Mode, Plan, Row, Stmt, TopicCache
 from ._locks import FileLock
 from .errors import (
     EventlogError,
@@ -230,20 +231,8 @@ def drive(
     started = False
     try:
         if mode == "write":
-            if write_lock is not None:
-                locked = write_lock.acquire(blocking=wait)
-                if not locked and not wait:
-                    raise WouldBlock
-                if not locked:
-                    # The flock only shortens waits; SQLite's own lock still serialises
-                    # writers, so a stuck holder costs busy_timeout, not a hang.
-                    log.warning("%s stayed locked; writing without it", write_lock.path)
-            try:
-                conn.execute(_sql.BEGIN_WRITE)
-            except sqlite3.OperationalError as exc:
-                if not wait and "locked" in str(exc):
-                    raise WouldBlock from exc
-                raise
+            locked = _take_write_lock(write_lock, wait)
+            _start_write(conn, _sql.BEGIN_WRITE, (), wait)
         elif mode == "read":
             conn.execute(_sql.BEGIN_READ)
         reply: list[Row] | None = None
@@ -275,6 +264,68 @@ def drive(
             plan.close()
         if locked and write_lock is not None:
             write_lock.release()
+
+
+def _take_write_lock(write_lock: FileLock | None, wait: bool) -> bool:
+    if write_lock is None:
+        return False
+    locked = write_lock.acquire(blocking=wait)
+    if not locked and not wait:
+        raise WouldBlock
+    if not locked:
+        # The flock only shortens waits; SQLite's own lock still serialises writers, so a
+        # stuck holder costs busy_timeout, not a hang.
+        log.warning("%s stayed locked; writing without it", write_lock.path)
+    return locked
+
+
+def _start_write(
+    conn: sqlite3.Connection, sql: str, params: Sequence[Any], wait: bool
+) -> sqlite3.Cursor:
+    try:
+        return conn.execute(sql, params)
+    except sqlite3.OperationalError as exc:
+        if not wait and "locked" in str(exc):
+            raise WouldBlock from exc
+        raise
+
+
+def append(
+    conn: sqlite3.Connection,
+    events: Sequence[EncodedEvent],
+    cache: TopicCache,
+    default_partitions: int,
+    write_lock: FileLock | None = None,
+    *,
+    wait: bool = True,
+) -> list[int]:
+    """Append events in one transaction; returns their offsets once committed.
+
+    A lone event on a known topic is a single autocommit INSERT: a third of the statements of
+    BEGIN/INSERT/COMMIT, as atomic and as durable. WouldBlock (wait=False) means nothing was
+    written.
+    """
+    stmt = _core.lone_insert(events[0], cache) if len(events) == 1 else None
+    if stmt is None:
+        plan = _core.append_plan(events, cache, default_partitions)
+        return drive(conn, plan, "write", write_lock, wait=wait)
+    locked = _take_write_lock(write_lock, wait)
+    try:
+        offset = int(_start_write(conn, stmt.sql, stmt.params, wait).lastrowid)  # type: ignore[arg-type]
+    except (sqlite3.Error, OSError) as exc:
+        raise translate(exc) from exc
+    finally:
+        if locked and write_lock is not None:
+            write_lock.release()
+    topic = events[0].topic
+    if _core.fold_due(topic, offset, cache):
+        # Its own transaction, after the event committed: a failure here must not look like
+        # a failed append (the caller would append again). A later append folds instead.
+        try:
+            drive(conn, _core.fold_count_plan(topic, cache, offset), "write", write_lock, wait=wait)
+        except (WouldBlock, EventlogError) as exc:
+            log.debug("counter fold of %r put off: %r", topic, exc)
+    return [offset]
 
 
 # -- migrations -------------------------------------------------------------------------------

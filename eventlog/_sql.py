@@ -74,19 +74,29 @@ LANE_EVENT_FROM = (
 
 # -- events -----------------------------------------------------------------------------------
 
+# The next offset: one past the newest event or past the floor that deletes left behind, so an
+# offset is never handed out twice (see migrations/0002).
+NEXT_OFFSET = (
+    "(SELECT max(coalesce((SELECT max(id) FROM eventlog_events), 0), offset) + 1"
+    " FROM eventlog_offset_floor)"
+)
 INSERT_EVENT = (
-    "INSERT INTO eventlog_events (topic, partition, key, payload, headers, created_at, dedupe_key)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO eventlog_events"
+    " (id, topic, partition, key, payload, headers, created_at, dedupe_key)"
+    f" VALUES ({NEXT_OFFSET}, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A retried producer's dedupe key hits the partial unique index and inserts nothing.
-INSERT_EVENT_RETURNING = INSERT_EVENT + " RETURNING id"
 INSERT_EVENT_DEDUPED = INSERT_EVENT + (
     " ON CONFLICT (topic, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
 )
+# A batch with its offsets chosen by the writer holding the write lock.
+INSERT_EVENTS_AT = (
+    "INSERT INTO eventlog_events (id, topic, partition, key, payload, headers, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 OFFSET_OF_DEDUPE_KEY = "SELECT id FROM eventlog_events WHERE topic = ? AND dedupe_key = ?"
-LAST_INSERT_ID = "SELECT last_insert_rowid()"
-# AUTOINCREMENT's high-water mark: the head, even when every event was pruned.
-HEAD_OFFSET = "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'eventlog_events'"
+# The largest offset ever handed out, even when every event was pruned.
+HEAD_OFFSET = f"SELECT {NEXT_OFFSET} - 1"
 
 EVENT_COLUMNS = "id, topic, partition, key, payload, headers, created_at"
 READ_LANE_AFTER = (

@@ -209,11 +209,8 @@ class SyncLog:
         with self._mutex:
             self._check()
             try:
-                offsets = _db.drive(
-                    self._conn,
-                    _core.append_plan(encoded, self._cache, self.default_partitions),
-                    "write",
-                    self._write_lock,
+                offsets = _db.append(
+                    self._conn, encoded, self._cache, self.default_partitions, self._write_lock
                 )
             except BaseException:
                 self._cache = TopicCache()  # a rolled-back topic creation must be forgotten

@@ -77,6 +77,7 @@ class WakeSender:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._folder_name = os.fspath(folder)  # stat()ed after every commit: no Path there
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._listing_mtime = -1
@@ -84,7 +85,7 @@ class WakeSender:
 
     def _refresh(self) -> None:
         try:
-            mtime = os.stat(self.folder).st_mtime_ns
+            mtime = os.stat(self._folder_name).st_mtime_ns
         except FileNotFoundError:
             self._targets = []
             return

@@ -49,13 +49,13 @@ def raw(db_path: str | os.PathLike[str], *, timeout: float = 5.0) -> Iterator[sq
 
 
 def dump(db_path: str | os.PathLike[str]) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every eventlog_ table and of sqlite_sequence, in a stable order."""
+    """Every row of every eventlog_ table, in a stable order."""
     with raw(db_path) as conn:
         names = [
             r[0]
             for r in conn.execute(
                 "SELECT name FROM sqlite_schema WHERE type = 'table'"
-                " AND (name LIKE 'eventlog!_%' ESCAPE '!' OR name = 'sqlite_sequence')"
+                " AND name LIKE 'eventlog!_%' ESCAPE '!'"
                 " ORDER BY name"
             )
         ]

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 import eventlog
 from eventlog import _deadletter, _members, _stats, _times
-from eventlog._db import Paths
+from eventlog._db import Paths, load_migrations
 from eventlog.cli import app
 
 runner = CliRunner()
+LATEST_SCHEMA = load_migrations()[-1].version
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_verbs_other_than_init_never_create_the_database(tmp_path: Path, args: l
 def test_init_creates_and_reports_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     first = ok(path, "--json", "init").rows()
-    assert first == [{"db": str(path), "created": True, "schema_version": 1}]
+    assert first == [{"db": str(path), "created": True, "schema_version": LATEST_SCHEMA}]
     assert sql(path, "SELECT count(*) FROM eventlog_events") == [(0,)]
     again = ok(path, "init")
     assert "already exists" in again.out
@@ -252,7 +253,7 @@ def test_init_in_a_missing_folder_is_an_error(tmp_path: Path) -> None:
 
 def test_migrate_reports_versions(db: Path) -> None:
     assert ok(db, "--json", "migrate").rows() == [
-        {"db": str(db), "from_version": 1, "schema_version": 1}
+        {"db": str(db), "from_version": LATEST_SCHEMA, "schema_version": LATEST_SCHEMA}
     ]
     assert "up to date" in ok(db, "migrate").out
 
@@ -714,7 +715,7 @@ def test_stats(filled: Path) -> None:
     (st,) = ok(filled, "--json", "stats").rows()
     assert set(st) == {"db", "schema_version", "head", "events", "topics", "groups", "lags",
                        "dead_letters", "files", "elapsed_ms"}  # fmt: skip
-    assert (st["head"], st["events"], st["schema_version"]) == (10, 10, 1)
+    assert (st["head"], st["events"], st["schema_version"]) == (10, 10, LATEST_SCHEMA)
     assert set(st["files"]) == {"db", "wal", "shm", "deadletter"}
     assert st["files"]["db"] > 0 and st["files"]["deadletter"] > 0
     assert st["dead_letters"]["pending"] == 1

@@ -14,7 +14,7 @@ import pytest
 from conftest import dump, integrity, raw
 
 import eventlog
-from eventlog import _db
+from eventlog import _db, _sql
 
 MIGRATIONS = _db.load_migrations()
 
@@ -49,8 +49,63 @@ async def test_fresh_file_gets_every_migration_recorded_once(open_log: Any, db_p
         (events_sql,) = conn.execute(
             "SELECT sql FROM sqlite_schema WHERE name = 'eventlog_events'"
         ).fetchone()
-    assert {"eventlog_schema", "eventlog_topics", "eventlog_events"} <= tables
-    assert "AUTOINCREMENT" in events_sql.upper()  # offsets never reused (guarantee 2)
+        triggers = {
+            r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='trigger'")
+        }
+    assert {
+        "eventlog_schema",
+        "eventlog_topics",
+        "eventlog_events",
+        "eventlog_offset_floor",
+    } <= tables
+    # offsets never reused (guarantee 2): the floor, not AUTOINCREMENT's per-insert row write
+    assert "AUTOINCREMENT" not in events_sql.upper()
+    assert "eventlog_events_keep_floor" in triggers
+
+
+def _version_one_file(db_path: Path) -> None:
+    """A file as eventlog wrote it before migration 0002: AUTOINCREMENT offsets."""
+    with raw(db_path) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN")
+        conn.execute(_sql.CREATE_SCHEMA_TABLE)
+        for statement in _db.split_statements(MIGRATIONS[0].sql):
+            conn.execute(statement)
+        conn.execute(_sql.RECORD_MIGRATION, (1, MIGRATIONS[0].name, 0))
+        conn.execute(
+            "INSERT INTO eventlog_topics (name, partitions, created_at) VALUES ('t', 1, 0)"
+        )
+        conn.executemany(
+            "INSERT INTO eventlog_events (topic, partition, key, payload, headers, created_at)"
+            " VALUES ('t', 0, ?, ?, ?, ?)",
+            [(f"k{i}", f'{{"i": {i}}}', '{"h": "v"}' if i % 2 else None, 1000 + i)
+             for i in range(1, 11)],
+        )  # fmt: skip
+        conn.execute("DELETE FROM eventlog_events WHERE id > 7")  # pruned from the top
+        conn.execute("COMMIT")
+
+
+@pytest.mark.parametrize("open_first", ["sync", "async"])
+async def test_version_one_file_upgrades_keeping_events_and_the_offset_high_water_mark(
+    db_path: Path, open_first: str
+) -> None:
+    _version_one_file(db_path)
+    with raw(db_path) as conn:
+        before = conn.execute("SELECT * FROM eventlog_events ORDER BY id").fetchall()
+    assert [r[0] for r in before] == list(range(1, 8))
+    if open_first == "sync":
+        with eventlog.open_sync(db_path) as log:
+            assert log.head() == 10  # offsets 8-10 were handed out, then deleted
+            assert log.append("t", "next") == 11
+    else:
+        async with eventlog.open(db_path) as alog:
+            assert await alog.head() == 10
+            assert await alog.append("t", "next") == 11
+    assert [v for v, _, _ in recorded(db_path)] == [m.version for m in MIGRATIONS]
+    with raw(db_path) as conn:
+        after = conn.execute("SELECT * FROM eventlog_events WHERE id < 11 ORDER BY id").fetchall()
+    assert after == before
+    assert integrity(db_path) == ["ok"]
 
 
 async def test_reopening_applies_nothing_again(open_log: Any, db_path: Path) -> None:
