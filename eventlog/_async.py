@@ -670,8 +670,11 @@ class AsyncWaiter:
         """Wake the waiter from inside this process (for example, a stop request)."""
         self._signal.set()
 
-    async def wait(self, stop: asyncio.Event | None, timeout: float | None) -> bool:
-        """True when something new may be there; False on stop or timeout."""
+    async def wait(
+        self, stop: asyncio.Event | None, timeout: float | None, poll_s: float = FALLBACK_POLL_S
+    ) -> bool:
+        """True when something new may be there; False on stop or timeout. Without a
+        datagram, data_version is looked at every `poll_s`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
         if stopped is not None:
@@ -687,7 +690,7 @@ class AsyncWaiter:
                 if self.watch.changed():
                     self.listener.drain()
                     return True
-                step = FALLBACK_POLL_S if self._fd >= 0 else 0.005
+                step = poll_s if self._fd >= 0 else 0.005
                 if deadline is not None:
                     step = min(step, deadline - time.monotonic())
                     if step <= 0:

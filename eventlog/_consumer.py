@@ -34,7 +34,7 @@ from ._members import Membership
 from .errors import DeadLetterError, InvalidArgument
 
 if TYPE_CHECKING:
-    from ._async import AsyncLog
+    from ._async import AsyncLog, AsyncWaiter
 
 log = logging.getLogger("eventlog")
 T = TypeVar("T")
@@ -209,6 +209,7 @@ class Consumer:
         self._handler_is_async = inspect.iscoroutinefunction(handler or batch_handler)
         self._watched = self.config.hard_timeout is not None
         self._look: sqlite3.Connection | None = None
+        self._waiter: AsyncWaiter | None = None
         self._start: str | int | datetime = self.config.start
 
     # -- public -------------------------------------------------------------------------------
@@ -225,6 +226,8 @@ class Consumer:
         """Ask the consumer to finish the event in hand, commit, release its lanes and return."""
         self._stop.set()
         self._wake_lanes()
+        if self._waiter is not None:
+            self._waiter.poke()
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Consume until stop() (or SIGINT/SIGTERM when handle_signals in the main thread)."""
@@ -240,7 +243,7 @@ class Consumer:
                 loop.add_signal_handler(sig, self.stop)
                 installed.append(sig)
         self._membership = Membership(self.log.paths, self.group)
-        waiter = self.log.waiter()
+        waiter = self._waiter = self.log.waiter()
         # Idle looks (is there anything after my position? which topics match?) run on the
         # loop thread from a connection that only reads: an index probe takes microseconds
         # there, where a hop to the worker thread takes a hundred or more.
@@ -267,14 +270,18 @@ class Consumer:
 
     # -- pump and rebalance -------------------------------------------------------------------
 
-    async def _pump(self, waiter: Any) -> None:
+    async def _pump(self, waiter: AsyncWaiter) -> None:
+        # The waiter's fallback data_version look runs once per rebalance, not on its own
+        # quicker clock: two wake-ups a second is most of what an idle member costs, and a
+        # lost datagram still delays delivery by at most REBALANCE_S. stop() pokes the waiter.
         next_rebalance = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_rebalance:
                 await self._rebalance()
                 next_rebalance = now + REBALANCE_S
-            if await waiter.wait(self._stop, max(0.0, next_rebalance - time.monotonic())):
+            remaining = max(0.0, next_rebalance - time.monotonic())
+            if await waiter.wait(None, remaining, poll_s=REBALANCE_S):
                 self._wake_lanes()
 
     def _read_here(self, plan: _core.Plan[T]) -> T:

@@ -169,8 +169,12 @@ def check_partitions(partitions: object, limits: Limits = DEFAULT_LIMITS) -> int
     return partitions
 
 
-# Built once: json.dumps with options builds a new encoder on every call.
-_encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+# Built once: json.dumps with options builds a new encoder on every call. No circular check
+# (it keeps a dict of every container's id): a payload that holds itself recurses until
+# RecursionError instead, which is refused all the same.
+_encode = json.JSONEncoder(
+    allow_nan=False, ensure_ascii=False, separators=(",", ":"), check_circular=False
+).encode
 
 
 def encode_json(
@@ -180,8 +184,12 @@ def encode_json(
     than `max_depth` containers (json.loads could not read it back in a deep call stack)."""
     try:
         text = _encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidPayload(f"{what} is not plain JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidPayload(
+            f"{what} is not plain JSON: it contains itself, or is nested far too deep"
+        ) from exc
     if value.__class__ not in _SCALARS:
         _check_object_keys(value, what)
         # Each level writes a bracket, so few brackets prove shallow without a walk.

@@ -24,6 +24,7 @@ from ._core import (
     Plan,
     TopicCache,
     TopicInfo,
+    encode_event,
 )
 from ._locks import FileLock
 from ._wake import WakeListener, WakeSender
@@ -72,7 +73,8 @@ def encode_drafts(drafts: Iterable[Draft], limits: Limits) -> list[EncodedEvent]
             raise InvalidArgument(
                 f"append_many takes Draft objects; item {i} is {type(draft).__name__}"
             )
-        encoded.append(draft.encode(limits))
+        encoded.append(encode_event(draft.topic, draft.payload, draft.key, draft.headers,
+                                    draft.dedupe_key, limits))  # fmt: skip
     return encoded
 
 

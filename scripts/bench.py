@@ -1599,6 +1599,9 @@ def run_all(chosen: list[Instance], sizes: Sizes, repeat: int, root: Path) -> Co
                 folder = root / inst.name / f"rep{rep + 1}"
                 folder.mkdir(parents=True)
                 ctx = Ctx(sizes, root, folder, inst.durability, rep, shared, cleanup)
+                # Flush what earlier figures left dirty (the 10M-event log is gigabytes): the
+                # kernel's background writeback would otherwise slow this figure's fsyncs.
+                os.sync()
                 t0 = time.perf_counter()
                 try:
                     results = inst.figure.run(ctx)
