@@ -85,7 +85,7 @@ class AsyncLog:
         self._closed = False
         self._fast_conn: sqlite3.Connection | None = None
         self._fast_lock: FileLock | None = None
-        self._fast_commits = 0
+        self._commits = 0
         self._flush_scheduled = False
         self._step_used = False
         self._step_inline = 0
@@ -139,7 +139,7 @@ class AsyncLog:
                 # worker's checkpoints, and under steady load none lands in a quiet moment,
                 # so the WAL never restarts. Past 4096 pages (16 MiB) this connection
                 # checkpoints inline, and its next commit starts the WAL over.
-                self._fast_conn.execute("PRAGMA wal_autocheckpoint = 4096")
+                self._fast_conn.execute(_sql.AUTOCHECKPOINT_BACKSTOP)
             except BaseException:
                 await self.close()
                 raise
@@ -255,12 +255,17 @@ class AsyncLog:
             raise
         assert self._wake is not None
         self._wake.notify()
-        self._fast_commits += 1
-        if self._fast_commits % 256 == 0 and (
+        self._committed()
+        return offsets
+
+    def _committed(self) -> None:
+        """Count an append's commit; every CHECKPOINT_EVERY, checkpoint on the worker thread
+        (after the wake-ups went out, outside the write lock)."""
+        self._commits += 1
+        if self._commits % _db.CHECKPOINT_EVERY == 0 and (
             self._checkpointer is None or self._checkpointer.done()
         ):
             self._checkpointer = asyncio.create_task(self._checkpoint_passive())
-        return offsets
 
     async def _checkpoint_passive(self) -> None:
         def plan() -> Plan[list[_core.Row]]:
@@ -391,6 +396,7 @@ class AsyncLog:
                     )
                     assert self._wake is not None
                     self._wake.notify()
+                    self._committed()
             except BaseException as exc:
                 self._cache = TopicCache()
                 self._settle(batch, None, exc)
@@ -652,6 +658,9 @@ class AsyncWaiter:
             self.listener.close()
             raise
         self._signal = asyncio.Event()
+        # Called straight from the datagram's callback: whoever the wait would wake runs one
+        # pass of the loop sooner (a consumer's lanes, without going through its pump).
+        self.on_wake: Callable[[], None] | None = None
         self._loop = asyncio.get_running_loop()
         self._fd = self.listener.fileno()
         if self._fd >= 0:
@@ -661,6 +670,8 @@ class AsyncWaiter:
         # Drain now: a socket left readable calls this again on every pass of the loop.
         self.listener.drain()
         self._signal.set()
+        if self.on_wake is not None:
+            self.on_wake()
 
     def _stop_set(self, stopped: asyncio.Future[Any]) -> None:
         if not stopped.cancelled():  # cancelled: that wait() ended on its own

@@ -244,6 +244,7 @@ class Consumer:
                 installed.append(sig)
         self._membership = Membership(self.log.paths, self.group)
         waiter = self._waiter = self.log.waiter()
+        waiter.on_wake = self._wake_lanes
         # Idle looks (is there anything after my position? which topics match?) run on the
         # loop thread from a connection that only reads: an index probe takes microseconds
         # there, where a hop to the worker thread takes a hundred or more.

@@ -208,6 +208,11 @@ def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> Non
         delay = min(delay * 2, 0.05)
 
 
+# An appending connection runs a passive checkpoint after this many of its commits: with a
+# few pages per commit, about as often as SQLite's default of 1,000 pages would.
+CHECKPOINT_EVERY = 256
+
+
 class WouldBlock(Exception):
     """The write lock is taken; the plan did not start. Run it again where waiting is fine."""
 

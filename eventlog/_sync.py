@@ -28,7 +28,7 @@ from ._core import (
 )
 from ._locks import FileLock
 from ._wake import WakeListener, WakeSender
-from .errors import GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
+from .errors import EventlogError, GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
 
 log = logging.getLogger("eventlog")
 T = TypeVar("T")
@@ -159,6 +159,8 @@ class SyncLog:
             self.paths, durability=self.durability, busy_timeout_ms=self._busy_ms,
             check_same_thread=False,
         )  # fmt: skip
+        self._conn.execute(_sql.AUTOCHECKPOINT_BACKSTOP)
+        self._commits = 0
         self._write_lock = FileLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(self.paths.wake_folder)
 
@@ -181,7 +183,18 @@ class SyncLog:
         """Drive a plan on this log's connection (used by the CLI and consumer tools)."""
         with self._mutex:
             self._check()
-            return _db.drive(self._conn, plan, mode, self._write_lock)
+            result = _db.drive(self._conn, plan, mode, self._write_lock)
+            if mode == "write":
+                self._committed()
+            return result
+
+    def _committed(self) -> None:
+        self._commits += 1
+        if self._commits % _db.CHECKPOINT_EVERY == 0:
+            try:
+                _db.drive(self._conn, _one(_sql.CHECKPOINT_PASSIVE), "none")
+            except EventlogError as exc:
+                log.warning("checkpoint failed: %s", exc)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -218,6 +231,7 @@ class SyncLog:
                 self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
                 raise
             self._wake.notify()
+            self._committed()
             return offsets
 
     def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = True) -> bool:
