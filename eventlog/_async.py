@@ -289,9 +289,14 @@ class AsyncLog:
                 return future
         self._pending.append((encoded, future))
         if not self._flush_scheduled and (self._writer is None or self._writer.done()):
-            # Flush after every coroutine ready now has queued its append: they share it.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._fast_conn is None:
+                # Nothing commits on the loop thread: start the writer now. Its first step
+                # runs after every coroutine ready now has queued its append: they share it.
+                self._writer = asyncio.create_task(self._write_pending())
+            else:
+                # Flush after every coroutine ready now has queued its append: they share it.
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         return future
 
     def _can_commit_inline(
