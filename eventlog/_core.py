@@ -494,8 +494,11 @@ def append_plan(
             rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
             cache.partitions[topic] = int(rows[0][0])
             cache.counted[topic] = int(rows[0][1])
-    partitions, spread = cache.partitions, cache.next_spread
-    chosen = [partition_for(e.key, partitions[e.topic], spread(e.topic)) for e in events]
+    counts, spread = cache.partitions, cache.next_spread
+    chosen = [
+        0 if (n := counts[e.topic]) == 1 else partition_for(e.key, n, spread(e.topic))
+        for e in events
+    ]
     if any(e.dedupe_key is not None for e in events):
         offsets = []
         for e, partition in zip(events, chosen, strict=True):
