@@ -525,10 +525,11 @@ def append_plan(
     return offsets
 
 
-def lone_insert(event: EncodedEvent, cache: TopicCache) -> Stmt | None:
-    """The one INSERT that appends `event` as a transaction of its own (autocommit: no
-    BEGIN and COMMIT round trips), when nothing must share that transaction: its topic is
-    known to exist and it has no dedupe key to look up. None otherwise."""
+def lone_insert(event: EncodedEvent, cache: TopicCache) -> Sequence[Any] | None:
+    """The parameters of the one INSERT_EVENT that appends `event` as a transaction of its
+    own (autocommit: no BEGIN and COMMIT round trips), when nothing must share that
+    transaction: its topic is known to exist and it has no dedupe key to look up. None
+    otherwise."""
     partitions = cache.partitions.get(event.topic)
     if partitions is None or event.dedupe_key is not None:
         return None
@@ -537,8 +538,7 @@ def lone_insert(event: EncodedEvent, cache: TopicCache) -> Stmt | None:
         if partitions == 1
         else partition_for(event.key, partitions, cache.next_spread(event.topic))
     )
-    params = (event.topic, partition, event.key, event.payload, event.headers, now_ms(), None)
-    return Stmt(_sql.INSERT_EVENT, params)
+    return (event.topic, partition, event.key, event.payload, event.headers, now_ms(), None)
 
 
 def fold_due(topic: str, newest: int, cache: TopicCache) -> bool:

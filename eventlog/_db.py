@@ -208,9 +208,9 @@ def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> Non
         delay = min(delay * 2, 0.05)
 
 
-# An appending connection runs a passive checkpoint after this many of its commits: with a
-# few pages per commit, about as often as SQLite's default of 1,000 pages would.
-CHECKPOINT_EVERY = 256
+# An appending connection runs a passive checkpoint after this many of its commits: at two
+# pages or so per one-event commit, about as often as SQLite's default of 1,000 pages.
+CHECKPOINT_EVERY = 512
 
 
 class WouldBlock(Exception):
@@ -310,13 +310,13 @@ def append(
     BEGIN/INSERT/COMMIT, as atomic and as durable. WouldBlock (wait=False) means nothing was
     written.
     """
-    stmt = _core.lone_insert(events[0], cache) if len(events) == 1 else None
-    if stmt is None:
+    params = _core.lone_insert(events[0], cache) if len(events) == 1 else None
+    if params is None:
         plan = _core.append_plan(events, cache, default_partitions)
         return drive(conn, plan, "write", write_lock, wait=wait)
     locked = _take_write_lock(write_lock, wait)
     try:
-        offset = int(_start_write(conn, stmt.sql, stmt.params, wait).lastrowid)  # type: ignore[arg-type]
+        offset = int(_start_write(conn, _sql.INSERT_EVENT, params, wait).lastrowid)  # type: ignore[arg-type]
     except (sqlite3.Error, OSError) as exc:
         raise translate(exc) from exc
     finally:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 log = logging.getLogger("eventlog")
@@ -75,18 +77,40 @@ class WakeListener:
 class WakeSender:
     """Sends one datagram to every waiter after a commit; cheap when nobody waits."""
 
+    # The folder's mtime is read after every commit, with fstat on an open descriptor (no
+    # path walk); it is opened again this often, in case the folder was replaced.
+    REOPEN_S = 1.0
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._folder_name = os.fspath(folder)  # stat()ed after every commit: no Path there
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._listing_mtime = -1
         self._targets: list[str] = []
+        self._folder_fd = -1
+        self._opened_at = -math.inf
+
+    def _folder_mtime(self) -> int | None:
+        now = time.monotonic()
+        if now - self._opened_at > self.REOPEN_S:
+            self._close_folder()
+            self._opened_at = now
+            try:
+                self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        if self._folder_fd < 0:
+            return None
+        return os.fstat(self._folder_fd).st_mtime_ns
+
+    def _close_folder(self) -> None:
+        if self._folder_fd >= 0:
+            os.close(self._folder_fd)
+            self._folder_fd = -1
 
     def _refresh(self) -> None:
-        try:
-            mtime = os.stat(self._folder_name).st_mtime_ns
-        except FileNotFoundError:
+        mtime = self._folder_mtime()
+        if mtime is None:
             self._targets = []
             return
         if mtime != self._listing_mtime:
@@ -115,3 +139,4 @@ class WakeSender:
 
     def close(self) -> None:
         self._sock.close()
+        self._close_folder()

@@ -937,3 +937,42 @@ def test_parse_time() -> None:
     assert _times.parse_time("now", now) == now
     with pytest.raises(eventlog.InvalidArgument):
         _times.parse_time("yesterday", now)
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_long_blocking_step_shows_progress_on_a_terminal_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json_out: bool
+) -> None:
+    from eventlog.cli import Settings, _format
+
+    monkeypatch.setattr(_format, "_isatty", lambda stream: True)
+    monkeypatch.setattr(_format._Progress, "DELAY_S", 0.1)
+    got = _format._while_running(Settings(json=json_out), "migrating", lambda: time.sleep(0.6) or 7)
+    assert got == 7
+    err = capsys.readouterr().err
+    assert ("migrating" in err) is not json_out
+
+
+def test_a_failing_blocking_step_raises_its_own_error() -> None:
+    from eventlog.cli import Settings, _format
+
+    def broken() -> None:
+        raise eventlog.SchemaTooNew("from the step")
+
+    with pytest.raises(eventlog.SchemaTooNew, match="from the step"):
+        _format._while_running(Settings(), "migrating", broken)
+
+
+def test_migrate_upgrades_a_version_one_file(tmp_path: Path) -> None:
+    from test_migrate import _version_one_file
+
+    path = tmp_path / "old.db"
+    _version_one_file(path)
+    assert ok(path, "--json", "migrate").rows() == [
+        {"db": str(path), "from_version": 1, "schema_version": LATEST_SCHEMA}
+    ]
+    (st,) = ok(path, "--json", "stats").rows()
+    assert st["head"] == 10 and st["events"] == 7

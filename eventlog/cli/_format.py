@@ -7,14 +7,18 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
     from . import Settings
+
+T = TypeVar("T")
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -119,12 +123,23 @@ class _Progress:
             if time.monotonic() - self.started < self.DELAY_S:
                 return
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total}"),
-                                 TimeRemainingColumn(), console=Console(stderr=True),
-                                 transient=True)  # fmt: skip
+            # Without a total the bar pulses and the time so far is all there is to show.
+            counts = (TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                *(counts if total is not None else (TimeElapsedColumn(),)),
+                console=Console(stderr=True, force_terminal=True),
+                transient=True,
+            )  # fmt: skip (enabled only on terminals)
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=total)
         self._bar.update(self._task, completed=done, total=total)
@@ -139,6 +154,19 @@ class _Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _while_running(settings: Settings, description: str, work: Callable[[], T]) -> T:
+    """Run one blocking step (a migration is one transaction: nothing to count) in a
+    helper thread, with a bar that shows it is still going after a second."""
+    with ThreadPoolExecutor(1, thread_name_prefix="eventlog-cli") as pool:
+        future = pool.submit(work)
+        with _Progress(settings, description) as progress:
+            while True:
+                try:
+                    return future.result(timeout=0.2)
+                except FutureTimeout:
+                    progress.update(0, None)
 
 
 def _isatty(stream: IO[Any]) -> bool:

@@ -26,7 +26,7 @@ from . import (
     _settings,
     app,
 )
-from ._format import _emit, _lane, _note, _table, _utc
+from ._format import _emit, _lane, _note, _table, _utc, _while_running
 
 APPEND_BATCH = 1000  # stdin lines per transaction at most
 
@@ -76,7 +76,9 @@ def migrate(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) 
         raise NotAnEventlogDatabase(f"no database at {paths.db}",
                                     hint="create it with 'eventlog init'")  # fmt: skip
     before = _schema.schema_version_of(paths)
-    with _open(s) as log:
+    # Opening applies what is pending; a migration that rebuilds a table takes a while on a
+    # big log, so a bar shows it is at work.
+    with _while_running(s, "migrating", lambda: _open(s)) as log:
         after = log.run(_schema.schema_version_plan(), "read")
     if s.json:
         _emit({"db": str(paths.db), "from_version": before, "schema_version": after})
