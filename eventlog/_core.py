@@ -190,7 +190,14 @@ def encode_json(
         raise InvalidPayload(
             f"{what} is not plain JSON: it contains itself, or is nested far too deep"
         ) from exc
-    if value.__class__ not in _SCALARS:
+    cls = value.__class__
+    if (
+        cls is dict
+        and _STR.issuperset(map(type, value))
+        and _SCALARS.issuperset(map(type, value.values()))
+    ):
+        return text  # the common event: one flat object of scalars, checked without a walk
+    if cls not in _SCALARS:
         _check_object_keys(value, what)
         # Each level writes a bracket, so few brackets prove shallow without a walk.
         if text.count("[") + text.count("{") > max_depth:
