@@ -495,18 +495,22 @@ def append_plan(
 ) -> Plan[list[int]]:
     """Insert the events in order, in the caller's transaction; returns their offsets."""
     ts = now_ms()
-    for topic in dict.fromkeys(e.topic for e in events):
+    topics = dict.fromkeys([e[0] for e in events])  # EncodedEvent fields by index: per-event
+    for topic in topics:  # work here is most of what append_many adds to the insert
         if topic not in cache.partitions:
             yield Stmt(_sql.CREATE_TOPIC, (topic, default_partitions, ts))
             rows = yield Stmt(_sql.TOPIC_COUNTS, (topic,))
             cache.partitions[topic] = int(rows[0][0])
             cache.counted[topic] = int(rows[0][1])
     counts, spread = cache.partitions, cache.next_spread
-    chosen = [
-        0 if (n := counts[e.topic]) == 1 else partition_for(e.key, n, spread(e.topic))
-        for e in events
-    ]
-    if any(e.dedupe_key is not None for e in events):
+    if all(counts[topic] == 1 for topic in topics):
+        chosen: Sequence[int] = [0] * len(events)
+    else:
+        chosen = [
+            0 if (n := counts[e.topic]) == 1 else partition_for(e.key, n, spread(e.topic))
+            for e in events
+        ]
+    if any([e[4] is not None for e in events]):
         offsets = []
         for e, partition in zip(events, chosen, strict=True):
             params = (e.topic, partition, e.key, e.payload, e.headers, ts, e.dedupe_key)
@@ -521,12 +525,14 @@ def append_plan(
         rows = yield Stmt(_sql.HEAD_OFFSET)
         first = int(rows[0][0]) + 1
         batch = [
-            (first + i, e.topic, partition, e.key, e.payload, e.headers, ts)
-            for i, (e, partition) in enumerate(zip(events, chosen, strict=True))
+            (offset, topic, partition, key, payload, headers, ts)
+            for offset, (topic, key, payload, headers, _), partition in zip(
+                range(first, first + len(events)), events, chosen, strict=True
+            )
         ]
         yield Stmt(_sql.INSERT_EVENTS_AT, batch, many=True)
         offsets = list(range(first, first + len(batch)))
-    for topic in dict.fromkeys(e.topic for e in events):
+    for topic in topics:
         if fold_due(topic, offsets[-1], cache):
             yield from fold_count_plan(topic, cache, offsets[-1])
     return offsets
