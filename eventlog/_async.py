@@ -194,10 +194,12 @@ class AsyncLog:
 
     async def run(self, plan: Plan[T], mode: Mode) -> T:
         """Drive a plan in one hop to the connection's thread."""
+        return await self._in_worker(_db.drive, plan, mode, self._write_lock)
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(connection, *args) on the connection's thread: one hop there and back."""
         aconn = self._check()
-        return await aconn._execute(  # type: ignore[no-untyped-call,no-any-return]
-            _db.drive, aconn._conn, plan, mode, self._write_lock
-        )
+        return await aconn._execute(fn, aconn._conn, *args)  # type: ignore[no-untyped-call,no-any-return]
 
     async def run_write(self, plan: Plan[T]) -> T:
         """Drive a write plan: on the loop thread when durability is normal and the lock is
@@ -390,14 +392,8 @@ class AsyncLog:
                 # big batches go to the worker: the loop stays free while they are written
                 offsets = self._append_now(flat) if len(flat) <= FAST_BATCH_MAX else None
                 if offsets is None:
-                    aconn = self._check()
-                    offsets = await aconn._execute(  # type: ignore[no-untyped-call]
-                        _db.append,
-                        aconn._conn,
-                        flat,
-                        self._cache,
-                        self.default_partitions,
-                        self._write_lock,
+                    offsets = await self._in_worker(
+                        _db.append, flat, self._cache, self.default_partitions, self._write_lock
                     )
                     assert self._wake is not None
                     self._wake.notify()
