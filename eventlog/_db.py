@@ -401,12 +401,22 @@ def migrate(conn: sqlite3.Connection, write_lock: FileLock | None = None) -> int
             rows = yield Stmt(_sql.SCHEMA_VERSION)
             if int(rows[0][0]) >= m.version:
                 return False
+            log.info("applying migration %s", m.name)
+            app_triggers = yield Stmt(_sql.APP_TRIGGERS_ON_OUR_TABLES)
             for statement in split_statements(m.sql):
                 yield Stmt(statement)
+            for name, sql in app_triggers:
+                if not (yield Stmt(_sql.TRIGGER_EXISTS, (name,)))[0][0]:
+                    yield Stmt(sql)  # fails, and rolls the migration back, if it no longer fits
             yield Stmt(_sql.RECORD_MIGRATION, (m.version, m.name, time.time_ns() // 1_000_000))
             return True
 
-        if drive(conn, apply(), "write", write_lock):
+        conn.execute(_sql.LEGACY_RENAME_ON)
+        try:
+            applied = drive(conn, apply(), "write", write_lock)
+        finally:
+            conn.execute(_sql.LEGACY_RENAME_OFF)
+        if applied:
             log.info("applied migration %s", migration.name)
         current = migration.version
     return current

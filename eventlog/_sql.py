@@ -41,6 +41,17 @@ SCHEMA_TABLE_EXISTS = (
 )
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM eventlog_schema"
 RECORD_MIGRATION = "INSERT INTO eventlog_schema (version, name, applied_at) VALUES (?, ?, ?)"
+# A migration that rebuilds one of our tables (create, copy, drop, rename) drops the triggers
+# an application put on it; the runner puts them back. Legacy rename semantics keep SQLite from
+# rejecting the rename over an application's view of the table (which would name a table that,
+# mid-migration, does not exist).
+APP_TRIGGERS_ON_OUR_TABLES = (
+    "SELECT name, sql FROM sqlite_schema WHERE type = 'trigger'"
+    " AND name NOT LIKE 'eventlog!_%' ESCAPE '!' AND tbl_name LIKE 'eventlog!_%' ESCAPE '!'"
+)
+TRIGGER_EXISTS = "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name = ?"
+LEGACY_RENAME_ON = "PRAGMA legacy_alter_table = ON"
+LEGACY_RENAME_OFF = "PRAGMA legacy_alter_table = OFF"
 
 # -- topics -----------------------------------------------------------------------------------
 

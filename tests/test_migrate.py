@@ -15,6 +15,7 @@ from conftest import dump, integrity, raw
 
 import eventlog
 from eventlog import _db, _sql
+from eventlog._sync import _one
 
 MIGRATIONS = _db.load_migrations()
 
@@ -207,3 +208,29 @@ def test_split_statements_refuses_an_incomplete_statement() -> None:
     ]
     with pytest.raises(eventlog.EventlogError):
         _db.split_statements("CREATE TABLE a (x);\nCREATE TABLE b (y")
+
+
+def test_upgrade_keeps_an_applications_view_and_trigger_on_the_events_table(
+    db_path: Path,
+) -> None:
+    # Migration 0002 rebuilds eventlog_events: the drop takes the application's trigger with
+    # it (the runner puts it back), and a plain rename would refuse the application's view.
+    _version_one_file(db_path)
+    with raw(db_path) as conn:
+        conn.execute(
+            "CREATE VIEW app_recent AS SELECT id, payload FROM eventlog_events WHERE id > 5"
+        )
+        conn.execute("CREATE TABLE app_audit (event_id INTEGER)")
+        conn.execute(
+            "CREATE TRIGGER app_audit_events AFTER INSERT ON eventlog_events"
+            " BEGIN INSERT INTO app_audit VALUES (NEW.id); END"
+        )
+    with eventlog.open_sync(db_path) as log:
+        offset = log.append("t", "after the upgrade")
+        # the runner's connection is back to SQLite's normal rename rules
+        assert log.run(_one("PRAGMA legacy_alter_table"), "none") == [(0,)]
+    assert [v for v, _, _ in recorded(db_path)] == [m.version for m in MIGRATIONS]
+    with raw(db_path) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM app_recent")] == [6, 7, offset]
+        assert conn.execute("SELECT event_id FROM app_audit").fetchall() == [(offset,)]
+    assert integrity(db_path) == ["ok"]
