@@ -85,7 +85,7 @@ class AsyncLog:
         self._closed = False
         self._fast_conn: sqlite3.Connection | None = None
         self._fast_lock: FileLock | None = None
-        self._commits = 0
+        self._wal_pages = 0
         self._flush_scheduled = False
         self._step_used = False
         self._step_inline = 0
@@ -257,16 +257,17 @@ class AsyncLog:
             raise
         assert self._wake is not None
         self._wake.notify()
-        self._committed()
+        self._committed(len(encoded))
         return offsets
 
-    def _committed(self) -> None:
-        """Count an append's commit; every CHECKPOINT_EVERY, checkpoint on the worker thread
-        (after the wake-ups went out, outside the write lock)."""
-        self._commits += 1
-        if self._commits % _db.CHECKPOINT_EVERY == 0 and (
+    def _committed(self, events: int) -> None:
+        """Count an append's commit; every CHECKPOINT_PAGES or so, checkpoint on the worker
+        thread (after the wake-ups went out, outside the write lock)."""
+        self._wal_pages += _db.wal_pages(events)
+        if self._wal_pages >= _db.CHECKPOINT_PAGES and (
             self._checkpointer is None or self._checkpointer.done()
         ):
+            self._wal_pages = 0
             self._checkpointer = asyncio.create_task(self._checkpoint_passive())
 
     async def _checkpoint_passive(self) -> None:
@@ -397,7 +398,7 @@ class AsyncLog:
                     )
                     assert self._wake is not None
                     self._wake.notify()
-                    self._committed()
+                    self._committed(len(flat))
             except BaseException as exc:
                 self._cache = TopicCache()
                 self._settle(batch, None, exc)

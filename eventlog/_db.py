@@ -208,9 +208,15 @@ def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> Non
         delay = min(delay * 2, 0.05)
 
 
-# An appending connection runs a passive checkpoint after this many of its commits: at two
-# pages or so per one-event commit, about as often as SQLite's default of 1,000 pages.
-CHECKPOINT_EVERY = 512
+# An appending connection runs a passive checkpoint once its commits have written about this
+# many WAL pages (SQLite's own default): a commit rewrites two or so (the table's leaf and the
+# lane index's), and a batch adds about one per 16 events.
+CHECKPOINT_PAGES = 1000
+
+
+def wal_pages(events: int) -> int:
+    """About how many WAL pages a commit of `events` appends writes."""
+    return 2 + events // 16
 
 
 class WouldBlock(Exception):

@@ -160,7 +160,7 @@ class SyncLog:
             check_same_thread=False,
         )  # fmt: skip
         self._conn.execute(_sql.AUTOCHECKPOINT_BACKSTOP)
-        self._commits = 0
+        self._wal_pages = 0
         self._write_lock = FileLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(self.paths.wake_folder)
 
@@ -188,9 +188,10 @@ class SyncLog:
                 self._committed()
             return result
 
-    def _committed(self) -> None:
-        self._commits += 1
-        if self._commits % _db.CHECKPOINT_EVERY == 0:
+    def _committed(self, events: int = 1) -> None:
+        self._wal_pages += _db.wal_pages(events)
+        if self._wal_pages >= _db.CHECKPOINT_PAGES:
+            self._wal_pages = 0
             try:
                 _db.drive(self._conn, _one(_sql.CHECKPOINT_PASSIVE), "none")
             except EventlogError as exc:
@@ -231,7 +232,7 @@ class SyncLog:
                 self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
                 raise
             self._wake.notify()
-            self._committed()
+            self._committed(len(encoded))
             return offsets
 
     def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = True) -> bool:
