@@ -524,22 +524,46 @@ def append_plan(
         # INSERT_EVENT is spared).
         rows = yield Stmt(_sql.HEAD_OFFSET)
         first = int(rows[0][0]) + 1
-        batch = [
-            (offset, topic, partition, key, payload, headers, ts)
-            for offset, (topic, key, payload, headers, _), partition in zip(
-                range(first, first + len(events)), events, chosen, strict=True
-            )
-        ]
-        yield Stmt(_sql.INSERT_EVENTS_AT, batch, many=True)
-        offsets = list(range(first, first + len(batch)))
+        ids = range(first, first + len(events))
+        keyed = any([e[1] is not None for e in events])
+        with_headers = any([e[3] is not None for e in events])
+        if keyed or with_headers:
+            batch = [
+                insert_params(offset, e, partition, ts, keyed, with_headers)
+                for offset, e, partition in zip(ids, events, chosen, strict=True)
+            ]
+        else:
+            batch = [
+                (offset, topic, partition, payload, ts)
+                for offset, (topic, _, payload, _, _), partition in zip(
+                    ids, events, chosen, strict=True
+                )
+            ]
+        yield Stmt(_sql.INSERT_EVENTS_AT[keyed * 2 + with_headers], batch, many=True)
+        offsets = list(ids)
     for topic in topics:
         if fold_due(topic, offsets[-1], cache):
             yield from fold_count_plan(topic, cache, offsets[-1])
     return offsets
 
 
-def lone_insert(event: EncodedEvent, cache: TopicCache) -> Sequence[Any] | None:
-    """The parameters of the one INSERT_EVENT that appends `event` as a transaction of its
+def insert_params(
+    offset: Any, event: EncodedEvent, partition: int, ts: int, keyed: bool, with_headers: bool
+) -> tuple[Any, ...]:
+    """The parameters of INSERT_EVENT[s] / INSERT_EVENTS_AT[s], s = 2 * keyed + with_headers:
+    the columns left out are NULL in the statement itself."""
+    topic, key, payload, headers, _ = event
+    if keyed:
+        if with_headers:
+            return (offset, topic, partition, key, payload, headers, ts)
+        return (offset, topic, partition, key, payload, ts)
+    if with_headers:
+        return (offset, topic, partition, payload, headers, ts)
+    return (offset, topic, partition, payload, ts)
+
+
+def lone_insert(event: EncodedEvent, cache: TopicCache) -> tuple[str, Sequence[Any]] | None:
+    """The one INSERT_EVENT and its parameters that append `event` as a transaction of its
     own (autocommit: no BEGIN and COMMIT round trips), when nothing must share that
     transaction: its topic is known to exist and it has no dedupe key to look up. None
     otherwise."""
@@ -551,7 +575,9 @@ def lone_insert(event: EncodedEvent, cache: TopicCache) -> Sequence[Any] | None:
         if partitions == 1
         else partition_for(event.key, partitions, cache.next_spread(event.topic))
     )
-    return (event.topic, partition, event.key, event.payload, event.headers, now_ms(), None)
+    keyed, with_headers = event.key is not None, event.headers is not None
+    params = insert_params(None, event, partition, now_ms(), keyed, with_headers)
+    return _sql.INSERT_EVENT[keyed * 2 + with_headers], params[1:]
 
 
 def fold_due(topic: str, newest: int, cache: TopicCache) -> bool:

@@ -316,13 +316,13 @@ def append(
     BEGIN/INSERT/COMMIT, as atomic and as durable. WouldBlock (wait=False) means nothing was
     written.
     """
-    params = _core.lone_insert(events[0], cache) if len(events) == 1 else None
-    if params is None:
+    lone = _core.lone_insert(events[0], cache) if len(events) == 1 else None
+    if lone is None:
         plan = _core.append_plan(events, cache, default_partitions)
         return drive(conn, plan, "write", write_lock, wait=wait)
     locked = _take_write_lock(write_lock, wait)
     try:
-        offset = int(_start_write(conn, _sql.INSERT_EVENT, params, wait).lastrowid)  # type: ignore[arg-type]
+        offset = int(_start_write(conn, *lone, wait).lastrowid)  # type: ignore[arg-type]
     except (sqlite3.Error, OSError) as exc:
         raise translate(exc) from exc
     finally:

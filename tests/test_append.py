@@ -133,6 +133,39 @@ async def test_event_fields_round_trip(log: Any) -> None:
     assert await log.get(offset + 1000) is None
 
 
+# Every combination of key and headers: each has its own INSERT (absent ones are NULL
+# literals), alone and mixed in one batch, on one partition and on several.
+SHAPES = [(None, None), (None, {"h": "1"}), ("k", None), ("k", {"h": "2", "ü": "ö"})]
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_every_key_and_headers_shape_round_trips(log: Any, partitions: int) -> None:
+    await log.create_topic("shapes", partitions=partitions)
+    lone = [
+        await log.append("shapes", {"lone": i}, key=key, headers=headers)
+        for i, (key, headers) in enumerate(SHAPES)
+    ]
+    alike = [
+        await log.append_many(
+            [eventlog.Draft("shapes", {"alike": i}, key=key, headers=headers)] * 3
+        )
+        for i, (key, headers) in enumerate(SHAPES)
+    ]
+    mixed = await log.append_many(
+        [
+            eventlog.Draft("shapes", {"mixed": i}, key=k, headers=h)
+            for i, (k, h) in enumerate(SHAPES)
+        ]
+    )
+    expected = {o: (SHAPES[i], {"lone": i}) for i, o in enumerate(lone)}
+    expected |= {o: (SHAPES[i], {"alike": i}) for i, batch in enumerate(alike) for o in batch}
+    expected |= {o: (SHAPES[i], {"mixed": i}) for i, o in enumerate(mixed)}
+    for offset, ((key, headers), payload) in expected.items():
+        event = await log.get(offset)
+        assert (event.key, dict(event.headers), event.payload) == (key, headers or {}, payload)
+        assert event.partition < partitions
+
+
 def eventlog_now_ms() -> int:
     import time
 

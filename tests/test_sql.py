@@ -70,7 +70,13 @@ def bind(conn: sqlite3.Connection, sql: str) -> tuple[object, ...] | dict[str, o
 
 def test_found_the_statements() -> None:
     assert len(STATEMENTS) > 30
-    for name in ("INSERT_EVENT", "READ_LANE_AFTER", "HEAD_OFFSET", "BEGIN_WRITE"):
+    for name in (
+        "INSERT_EVENT[0]",
+        "INSERT_EVENTS_AT[3]",
+        "READ_LANE_AFTER",
+        "HEAD_OFFSET",
+        "BEGIN_WRITE",
+    ):
         assert name in STATEMENTS
 
 
