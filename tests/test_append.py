@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eventlog
+from eventlog import _core
 
 both_durabilities = pytest.mark.parametrize("durability", ["full", "normal"])
 
@@ -508,3 +509,20 @@ async def test_any_json_value_round_trips_exactly(log: Any, db_path: Path, value
             "SELECT payload FROM eventlog_events WHERE id = ?", (offset,)
         ).fetchone()
     assert same(json.loads(text), value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values | st.builds(deep, json_values, st.integers(0, 60)))
+def test_the_kept_encoder_writes_what_json_dumps_writes(value: Any) -> None:
+    # eventlog keeps one C encoder instead of json.dumps building one per call.
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    assert _core._encode(value) == expected
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.inf, {"a": {1, 2}}, [object()], b"bytes"])
+def test_the_kept_encoder_refuses_what_json_dumps_refuses(value: Any) -> None:
+    with pytest.raises((TypeError, ValueError)) as ours:
+        _core._encode(value)
+    with pytest.raises(type(ours.value)) as theirs:
+        json.dumps(value, allow_nan=False)
+    assert str(ours.value) == str(theirs.value)
