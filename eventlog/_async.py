@@ -78,6 +78,7 @@ class AsyncLog:
         self._cache = TopicCache()
         self._pending: deque[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = deque()
         self._writer: asyncio.Task[None] | None = None
+        self._alone = 0  # appends in flight on the worker without the writer task
         self._aconn: aiosqlite.Connection | None = None
         self._write_lock: FileLock | None = None
         self._wake: WakeSender | None = None
@@ -154,6 +155,8 @@ class AsyncLog:
             return  # nothing of the parent's may be touched in a child
         if self._writer is not None:
             await asyncio.shield(self._writer)
+        if self._wake is not None:
+            self._wake.notify()  # for an append still in flight: its caller's turn comes later
         if self._checkpointer is not None:
             await asyncio.gather(self._checkpointer, return_exceptions=True)
         self._close_fast()
@@ -285,13 +288,16 @@ class AsyncLog:
         self._check()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
-        if self._can_commit_inline(encoded, loop):
+        if self._fast_conn is None:
+            if not self._alone and not self._pending and self._writer_idle():
+                return self._append_alone(encoded)
+        elif self._can_commit_inline(encoded, loop):
             offsets = self._append_now(encoded)
             if offsets is not None:
                 future.set_result(offsets)
                 return future
         self._pending.append((encoded, future))
-        if not self._flush_scheduled and (self._writer is None or self._writer.done()):
+        if not self._flush_scheduled and self._writer_idle():
             if self._fast_conn is None:
                 # Nothing commits on the loop thread: start the writer now. Its first step
                 # runs after every coroutine ready now has queued its append: they share it.
@@ -301,6 +307,34 @@ class AsyncLog:
                 self._flush_scheduled = True
                 loop.call_soon(self._flush)
         return future
+
+    def _writer_idle(self) -> bool:
+        return self._writer is None or self._writer.done()
+
+    async def _append_alone(self, encoded: Sequence[EncodedEvent]) -> list[int]:
+        """At durability full, an append that finds nothing queued and no writer at work hops
+        to the worker itself: two loop passes fewer than handing it to the writer task.
+        Appends made meanwhile queue for the writer, whose hop follows this one."""
+        self._alone += 1
+        try:
+            return await self._append_in_worker(encoded)
+        finally:
+            self._alone -= 1
+
+    async def _append_in_worker(self, encoded: Sequence[EncodedEvent]) -> list[int]:
+        try:
+            offsets = await self._in_worker(
+                _db.append, encoded, self._cache, self.default_partitions, self._write_lock
+            )
+        except BaseException:
+            self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
+            raise
+        finally:
+            if not self._closed:  # close() wakes the readers itself
+                assert self._wake is not None
+                self._wake.notify()  # also when cancelled: the commit may have happened
+        self._committed(len(encoded))
+        return offsets
 
     def _can_commit_inline(
         self, encoded: Sequence[EncodedEvent], loop: asyncio.AbstractEventLoop
@@ -317,7 +351,7 @@ class AsyncLog:
             self._fast_conn is None
             or self._pending
             or len(encoded) > FAST_BATCH_MAX
-            or (self._writer is not None and not self._writer.done())
+            or not self._writer_idle()
         ):
             return False
         task = asyncio.current_task()
@@ -367,7 +401,7 @@ class AsyncLog:
         """Commit small queued appends on the loop thread when possible, else start the
         worker-thread writer."""
         self._flush_scheduled = False
-        if self._writer is not None and not self._writer.done():
+        if not self._writer_idle():
             return
         if self._fast_conn is not None and sum(len(e) for e, _ in self._pending) <= FAST_BATCH_MAX:
             batch = self._take_batch()
@@ -393,12 +427,7 @@ class AsyncLog:
                 # big batches go to the worker: the loop stays free while they are written
                 offsets = self._append_now(flat) if len(flat) <= FAST_BATCH_MAX else None
                 if offsets is None:
-                    offsets = await self._in_worker(
-                        _db.append, flat, self._cache, self.default_partitions, self._write_lock
-                    )
-                    assert self._wake is not None
-                    self._wake.notify()
-                    self._committed(len(flat))
+                    offsets = await self._append_in_worker(flat)
             except BaseException as exc:
                 self._cache = TopicCache()
                 self._settle(batch, None, exc)
