@@ -114,6 +114,8 @@ def constant_text(node: ast.AST) -> bool:
         return isinstance(node.value, str)
     if isinstance(node, ast.Name | ast.Attribute):
         return True
+    if isinstance(node, ast.Subscript):  # one of a module's constant statements, chosen
+        return isinstance(node.value, ast.Name | ast.Attribute)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return constant_text(node.left) and constant_text(node.right)
     if isinstance(node, ast.IfExp):
@@ -169,12 +171,36 @@ def test_every_statement_is_a_constant_and_values_are_parameters() -> None:
     assert not problems, "SQL built from run-time values:\n" + "\n".join(problems)
 
 
+def test_the_statement_check_tells_formatted_sql_from_chosen_constants(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(conn, name, i):\n"
+        "    conn.execute(_sql.SELECT_ONE, (name,))\n"
+        "    conn.execute(_sql.SHAPES[i * 2 + 1], (name,))\n"
+        "    conn.execute(f'SELECT * FROM {name}')\n"
+        "    conn.execute('SELECT ' + name.upper())\n"
+        "    conn.execute('SELECT {}'.format(name))\n"
+        "    conn.execute(shapes_for(name)[i])\n",
+        encoding="utf-8",
+    )
+    assert [p.split(":")[1].split()[0] for p in sql_argument_problems(sample)] == [
+        "4",
+        "5",
+        "6",
+        "7",
+    ]
+
+
 def test_sql_constants_are_plain_text_with_placeholders() -> None:
     from eventlog import _sql
 
     for name, value in vars(_sql).items():
-        if name.isupper() and isinstance(value, str):
-            assert "{" not in value and "%s" not in value, f"_sql.{name} is a template"
+        if not name.isupper() or name == "PRAGMAS":  # PRAGMAS: checked below
+            continue
+        # a tuple holds one statement per shape (chosen by index in the code, see above)
+        for text in value if isinstance(value, tuple) else [value]:
+            if isinstance(text, str):
+                assert "{" not in text and "%s" not in text, f"_sql.{name} is a template"
     for pragma in _sql.PRAGMAS:  # the one template: filled by _db.connect with checked values
         filled = pragma.replace("{busy_timeout_ms}", "0").replace("{synchronous}", "FULL")
         assert re.fullmatch(r"PRAGMA [a-z_]+ = [A-Za-z0-9]+", filled), pragma
