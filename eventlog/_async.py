@@ -50,6 +50,10 @@ FAST_BATCH_MAX = 64
 INLINE_PER_STEP = 32
 
 
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A job for the worker whose only effect is that every job queued before it has run."""
+
+
 class AsyncLog:
     """The event log, asyncio API. Open with `async with eventlog.open(path) as log`.
 
@@ -79,6 +83,7 @@ class AsyncLog:
         self._pending: deque[tuple[Sequence[EncodedEvent], asyncio.Future[list[int]]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._alone = 0  # appends in flight on the worker without the writer task
+        self._wakers: set[asyncio.Task[None]] = set()  # see _wake_after_worker
         self._aconn: aiosqlite.Connection | None = None
         self._write_lock: FileLock | None = None
         self._wake: WakeSender | None = None
@@ -155,13 +160,15 @@ class AsyncLog:
             return  # nothing of the parent's may be touched in a child
         if self._writer is not None:
             await asyncio.shield(self._writer)
-        if self._wake is not None:
-            self._wake.notify()  # for an append still in flight: its caller's turn comes later
         if self._checkpointer is not None:
             await asyncio.gather(self._checkpointer, return_exceptions=True)
         self._close_fast()
-        if self._aconn is not None:
-            await self._aconn.close()
+        try:
+            if self._aconn is not None:
+                await self._aconn.close()  # after every job queued on the worker has run
+        finally:
+            if self._wake is not None:
+                self._wake.notify()  # for appends in flight as close() began: they committed
         if self._write_lock is not None:
             self._write_lock.close()
         if self._wake is not None:
@@ -255,9 +262,6 @@ class AsyncLog:
             )
         except _db.WouldBlock:
             return None
-        except BaseException:
-            self._cache = TopicCache()
-            raise
         assert self._wake is not None
         self._wake.notify()
         self._committed(len(encoded))
@@ -326,15 +330,32 @@ class AsyncLog:
             offsets = await self._in_worker(
                 _db.append, encoded, self._cache, self.default_partitions, self._write_lock
             )
-        except BaseException:
-            self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
+        except asyncio.CancelledError:
+            self._wake_after_worker(len(encoded))  # the job may still commit there
             raise
-        finally:
-            if not self._closed:  # close() wakes the readers itself
-                assert self._wake is not None
-                self._wake.notify()  # also when cancelled: the commit may have happened
-        self._committed(len(encoded))
+        self._committed_in_worker(len(encoded))
         return offsets
+
+    def _committed_in_worker(self, events: int) -> None:
+        if not self._closed:  # close() wakes the readers itself, after the worker's last job
+            assert self._wake is not None
+            self._wake.notify()
+            self._committed(events)
+
+    def _wake_after_worker(self, events: int) -> None:
+        """Wake the readers once the worker has run what is queued there now (the worker runs
+        its jobs in order): an append whose caller was cancelled may still commit."""
+
+        async def after_queued_jobs() -> None:
+            try:
+                await self._in_worker(_nothing)
+            except EventlogError:
+                return  # closed meanwhile
+            self._committed_in_worker(events)
+
+        task = asyncio.create_task(after_queued_jobs())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     def _can_commit_inline(
         self, encoded: Sequence[EncodedEvent], loop: asyncio.AbstractEventLoop
@@ -429,7 +450,6 @@ class AsyncLog:
                 if offsets is None:
                     offsets = await self._append_in_worker(flat)
             except BaseException as exc:
-                self._cache = TopicCache()
                 self._settle(batch, None, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
@@ -440,9 +460,12 @@ class AsyncLog:
         """Create a topic with a fixed partition count; False if it already existed."""
         _core.check_name(name, "topic", self.limits)
         _core.check_partitions(partitions, self.limits)
-        return await self.run(
-            _core.create_topic_plan(name, partitions, self._cache, exist_ok=exist_ok), "write"
-        )
+        plan = _core.create_topic_plan(name, partitions, self._cache, exist_ok=exist_ok)
+        try:
+            return await self.run(plan, "write")
+        except BaseException:
+            self._cache.forget()  # the plan noted the topic before the commit failed
+            raise
 
     def notify(self) -> None:
         """Wake every waiting reader now (after an outbox append committed elsewhere)."""

@@ -481,6 +481,12 @@ class TopicCache:
     spread: dict[str, int] = field(default_factory=dict)
     counted: dict[str, int] = field(default_factory=dict)  # counted_through, as last seen
 
+    def forget(self) -> None:
+        """Forget the topics, in place, after a transaction that may have created one rolled
+        back: a job already queued on a worker thread holds this same cache."""
+        self.partitions.clear()
+        self.counted.clear()
+
     def next_spread(self, topic: str) -> int:
         n = self.spread.get(topic, 0)
         self.spread[topic] = n + 1

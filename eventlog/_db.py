@@ -319,7 +319,13 @@ def append(
     lone = _core.lone_insert(events[0], cache) if len(events) == 1 else None
     if lone is None:
         plan = _core.append_plan(events, cache, default_partitions)
-        return drive(conn, plan, "write", write_lock, wait=wait)
+        try:
+            return drive(conn, plan, "write", write_lock, wait=wait)
+        except WouldBlock:
+            raise  # nothing ran
+        except BaseException:
+            cache.forget()  # a rolled-back topic creation must be forgotten
+            raise
     locked = _take_write_lock(write_lock, wait)
     try:
         offset = int(_start_write(conn, *lone, wait).lastrowid)  # type: ignore[arg-type]

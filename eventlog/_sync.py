@@ -224,13 +224,9 @@ class SyncLog:
     def _append(self, encoded: Sequence[EncodedEvent]) -> list[int]:
         with self._mutex:
             self._check()
-            try:
-                offsets = _db.append(
-                    self._conn, encoded, self._cache, self.default_partitions, self._write_lock
-                )
-            except BaseException:
-                self._cache = TopicCache()  # a rolled-back topic creation must be forgotten
-                raise
+            offsets = _db.append(
+                self._conn, encoded, self._cache, self.default_partitions, self._write_lock
+            )
             self._wake.notify()
             self._committed(len(encoded))
             return offsets
@@ -239,8 +235,12 @@ class SyncLog:
         """Create a topic with a fixed partition count; False if it already existed."""
         _core.check_name(name, "topic", self.limits)
         _core.check_partitions(partitions, self.limits)
-        return self.run(_core.create_topic_plan(name, partitions, self._cache,
-                                                exist_ok=exist_ok), "write")  # fmt: skip
+        plan = _core.create_topic_plan(name, partitions, self._cache, exist_ok=exist_ok)
+        try:
+            return self.run(plan, "write")
+        except BaseException:
+            self._cache.forget()  # the plan noted the topic before the commit failed
+            raise
 
     def notify(self) -> None:
         """Wake every waiting reader now (after an outbox append committed elsewhere)."""

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import time
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,104 @@ async def test_wait_for_can_be_cancelled(log: Any) -> None:
     cancel.set()
     result = await asyncio.wait_for(waiting, 5)
     assert result.status == "cancelled" and result.event is None
+
+
+# -- an append at durability full runs on the worker thread, which goes on without its caller --
+
+
+@contextlib.contextmanager
+def write_lock_held(log: Any) -> Any:
+    """Hold the log's write lock as another writer would: the worker's append waits for it."""
+    from eventlog._locks import FileLock
+
+    lock = FileLock(log.paths.write_lock)
+    assert lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.close()
+
+
+def listening(log: Any) -> Any:
+    from eventlog._wake import WakeListener
+
+    listener = WakeListener(log.paths.wake_folder)
+    assert listener.sock is not None, "wake folder too deep for a socket"
+    return listener
+
+
+def events_in(db_path: Path) -> int:
+    with raw(db_path) as conn:
+        return int(conn.execute("SELECT count(*) FROM eventlog_events").fetchone()[0])
+
+
+async def test_an_append_whose_caller_gave_up_wakes_the_readers_when_it_commits(
+    db_path: Path,
+) -> None:
+    log = await eventlog.open(db_path, durability="full")
+    listener = listening(log)
+    try:
+        await log.append("t", 0)
+        with write_lock_held(log) as lock:
+            task = asyncio.create_task(log.append("t", 1))
+            await asyncio.sleep(0.2)  # queued on the worker, waiting for the lock
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            listener.drain()
+            lock.release()
+            await wait_until(lambda: events_in(db_path) == 2, what="the abandoned append")
+            loop = asyncio.get_running_loop()
+            readable, _, _ = await loop.run_in_executor(None, select.select, [listener], [], [], 10)
+        assert readable, "no wake-up after the commit: followers wait for their slow poll"
+    finally:
+        listener.close()
+        await log.close()
+
+
+async def test_an_append_in_flight_as_close_begins_wakes_the_readers_after_its_commit(
+    db_path: Path,
+) -> None:
+    log = await eventlog.open(db_path, durability="full")
+    listener = listening(log)
+    try:
+        await log.append("t", 0)
+        with write_lock_held(log) as lock:
+            append = asyncio.create_task(log.append("t", 1))
+            await asyncio.sleep(0.2)  # queued on the worker, waiting for the lock
+            closing = asyncio.create_task(log.close())
+            await asyncio.sleep(0.2)
+            listener.drain()
+            lock.release()
+            await asyncio.wait_for(closing, 10)
+        assert await append == 2
+        assert events_in(db_path) == 2
+        assert listener.drain(), "no wake-up after the last commit"
+    finally:
+        listener.close()
+        await log.close()
+
+
+async def test_a_topic_whose_creation_rolled_back_is_forgotten_by_appends_already_queued(
+    db_path: Path,
+) -> None:
+    # The first append to a topic creates it in the same transaction; here that transaction
+    # fails after the creation, while a second append is queued behind it on the worker.
+    log = await eventlog.open(db_path, durability="full")
+    try:
+        await log.append("other", 0)
+        with raw(db_path) as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse_boom BEFORE INSERT ON eventlog_events"
+                " WHEN NEW.payload = '\"boom\"' BEGIN SELECT RAISE(ABORT, 'boom'); END"
+            )
+        failed, second = await asyncio.gather(
+            log.append("t", "boom"), log.append("t", "fine"), return_exceptions=True
+        )
+        assert isinstance(failed, eventlog.EventlogError), failed
+        assert isinstance(second, int), second
+        with raw(db_path) as conn:
+            topics = [r[0] for r in conn.execute("SELECT name FROM eventlog_topics")]
+        assert sorted(topics) == ["other", "t"], "an event was stored in a topic that is not"
+        assert [e.payload for e in await collect(log.read("t"))] == ["fine"]
+    finally:
+        await log.close()
