@@ -279,32 +279,10 @@ def events_in(db_path: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM eventlog_events").fetchone()[0])
 
 
-async def test_an_append_whose_caller_gave_up_wakes_the_readers_when_it_commits(
-    db_path: Path,
-) -> None:
-    log = await eventlog.open(db_path, durability="full")
-    listener = listening(log)
-    try:
-        await log.append("t", 0)
-        with write_lock_held(log) as lock:
-            task = asyncio.create_task(log.append("t", 1))
-            await asyncio.sleep(0.2)  # queued on the worker, waiting for the lock
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            listener.drain()
-            lock.release()
-            await wait_until(lambda: events_in(db_path) == 2, what="the abandoned append")
-            loop = asyncio.get_running_loop()
-            readable, _, _ = await loop.run_in_executor(None, select.select, [listener], [], [], 10)
-        assert readable, "no wake-up after the commit: followers wait for their slow poll"
-    finally:
-        listener.close()
-        await log.close()
-
-
-async def test_an_append_in_flight_as_close_begins_wakes_the_readers_after_its_commit(
-    db_path: Path,
-) -> None:
+@contextlib.asynccontextmanager
+async def an_append_waiting_on_the_worker(db_path: Path) -> Any:
+    """A log at full holding one event, a wake listener, and the append of a second event
+    queued on the worker behind a write lock held elsewhere (the test releases it)."""
     log = await eventlog.open(db_path, durability="full")
     listener = listening(log)
     try:
@@ -312,17 +290,38 @@ async def test_an_append_in_flight_as_close_begins_wakes_the_readers_after_its_c
         with write_lock_held(log) as lock:
             append = asyncio.create_task(log.append("t", 1))
             await asyncio.sleep(0.2)  # queued on the worker, waiting for the lock
-            closing = asyncio.create_task(log.close())
-            await asyncio.sleep(0.2)
-            listener.drain()
-            lock.release()
-            await asyncio.wait_for(closing, 10)
-        assert await append == 2
-        assert events_in(db_path) == 2
-        assert listener.drain(), "no wake-up after the last commit"
+            yield log, listener, lock, append
     finally:
         listener.close()
         await log.close()
+
+
+async def test_an_append_whose_caller_gave_up_wakes_the_readers_when_it_commits(
+    db_path: Path,
+) -> None:
+    async with an_append_waiting_on_the_worker(db_path) as (_, listener, lock, append):
+        append.cancel()
+        await asyncio.gather(append, return_exceptions=True)
+        listener.drain()
+        lock.release()
+        await wait_until(lambda: events_in(db_path) == 2, what="the abandoned append")
+        loop = asyncio.get_running_loop()
+        readable, _, _ = await loop.run_in_executor(None, select.select, [listener], [], [], 10)
+        assert readable, "no wake-up after the commit: followers wait for their slow poll"
+
+
+async def test_an_append_in_flight_as_close_begins_wakes_the_readers_after_its_commit(
+    db_path: Path,
+) -> None:
+    async with an_append_waiting_on_the_worker(db_path) as (log, listener, lock, append):
+        closing = asyncio.create_task(log.close())
+        await asyncio.sleep(0.2)
+        listener.drain()
+        lock.release()
+        await asyncio.wait_for(closing, 10)
+        assert await append == 2
+        assert events_in(db_path) == 2
+        assert listener.drain(), "no wake-up after the last commit"
 
 
 async def test_a_topic_whose_creation_rolled_back_is_forgotten_by_appends_already_queued(
