@@ -91,12 +91,12 @@ class AsyncLog:
         self._closed = False
         self._fast_conn: sqlite3.Connection | None = None
         self._fast_lock: FileLock | None = None
-        self._wal_pages = 0
+        self._checkpointer = _db.Checkpointer(self.paths, durability, self._busy_ms)
         self._flush_scheduled = False
         self._step_used = False
         self._step_inline = 0
         self._inline_task: asyncio.Task[Any] | None = None
-        self._checkpointer: asyncio.Task[Any] | None = None
+        self._finishing: asyncio.Task[Any] | None = None  # a checkpoint's rest, on the worker
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -160,8 +160,10 @@ class AsyncLog:
             return  # nothing of the parent's may be touched in a child
         if self._writer is not None:
             await asyncio.shield(self._writer)
-        if self._checkpointer is not None:
-            await asyncio.gather(self._checkpointer, return_exceptions=True)
+        if self._finishing is not None:
+            await asyncio.gather(self._finishing, return_exceptions=True)
+        if self._checkpointer.running:  # its thread may be inside a checkpoint: a few ms
+            await asyncio.to_thread(self._checkpointer.close)
         self._close_fast()
         try:
             if self._aconn is not None:
@@ -268,14 +270,12 @@ class AsyncLog:
         return offsets
 
     def _committed(self, events: int) -> None:
-        """Count an append's commit; every CHECKPOINT_PAGES or so, checkpoint on the worker
-        thread (after the wake-ups went out, outside the write lock)."""
-        self._wal_pages += _db.wal_pages(events)
-        if self._wal_pages >= _db.CHECKPOINT_PAGES and (
-            self._checkpointer is None or self._checkpointer.done()
+        """Count an append's commit for the checkpointer; when its thread has run the bulk of
+        a checkpoint, finish it on the worker (after the wake-ups, outside the write lock)."""
+        if self._checkpointer.note_commit(events) and (
+            self._finishing is None or self._finishing.done()
         ):
-            self._wal_pages = 0
-            self._checkpointer = asyncio.create_task(self._checkpoint_passive())
+            self._finishing = asyncio.create_task(self._checkpoint_passive())
 
     async def _checkpoint_passive(self) -> None:
         def plan() -> Plan[list[_core.Row]]:

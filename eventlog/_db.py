@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> Non
         delay = min(delay * 2, 0.05)
 
 
-# An appending connection runs a passive checkpoint once its commits have written about this
+# An appending log checkpoints (see Checkpointer) once its commits have written about this
 # many WAL pages (SQLite's own default): a commit rewrites two or so (the table's leaf and the
 # lane index's), and a batch adds about one per 16 events.
 CHECKPOINT_PAGES = 1000
@@ -217,6 +218,89 @@ CHECKPOINT_PAGES = 1000
 def wal_pages(events: int) -> int:
     """About how many WAL pages a commit of `events` appends writes."""
     return 2 + events // 16
+
+
+# Connections inherited through fork() are parked here, never closed: closing them in the
+# child would run SQLite's close path on the parent's handles.
+ABANDONED: list[object] = []
+
+
+class Checkpointer:
+    """An appending log's passive checkpoints, in two steps so that no append waits for the
+    bulk of one.
+
+    At `normal` a checkpoint first fsyncs the WAL frames it copies: run inline, the append
+    that made it due paid for the flush of every append before it (about 10 µs each). The
+    bulk runs on a thread of its own, on its own connection. The appender then finishes it
+    on its own connection (note_commit returns True): only the frames committed meanwhile,
+    about a millisecond, after which nothing is left behind and the next commit starts the
+    WAL over. Left to the thread alone, a steady appender always commits meanwhile, and the
+    WAL restarts only at SQLite's backstop, inside a commit, under the write lock.
+    """
+
+    def __init__(self, paths: Paths, durability: Durability, busy_timeout_ms: int) -> None:
+        self._paths = paths
+        self._durability = durability
+        self._busy_ms = busy_timeout_ms
+        self._pages = 0
+        self._due = threading.Event()  # the thread has a bulk checkpoint to run
+        self._bulk_done = threading.Event()  # it ran one: the appender finishes it
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # the thread's, opened there
+        self._pid = os.getpid()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def note_commit(self, events: int) -> bool:
+        """Count a commit's WAL pages, starting a bulk checkpoint when they reach
+        CHECKPOINT_PAGES; True when the caller should now run CHECKPOINT_PASSIVE itself."""
+        finish = self._bulk_done.is_set()
+        if finish:
+            self._bulk_done.clear()
+        self._pages += wal_pages(events)
+        if self._pages >= CHECKPOINT_PAGES:
+            self._pages = 0
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="eventlog-checkpoint", daemon=True
+                )
+                self._thread.start()
+            self._due.set()
+        return finish
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._closing:
+                return
+            try:
+                if self._conn is None:
+                    self._conn = connect(
+                        self._paths, durability=self._durability,
+                        busy_timeout_ms=self._busy_ms, check_same_thread=False,
+                    )  # fmt: skip
+                self._conn.execute(_sql.CHECKPOINT_PASSIVE).fetchall()
+            except (sqlite3.Error, EventlogError) as exc:
+                log.warning("background checkpoint failed: %s", exc)
+                continue
+            self._bulk_done.set()
+
+    def close(self) -> None:
+        """Stop the thread (after the checkpoint it may be running) and close its connection."""
+        if os.getpid() != self._pid:
+            ABANDONED.append(self)  # a child has no such thread, and must not close the conn
+            return
+        self._closing = True
+        self._due.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class WouldBlock(Exception):

@@ -24,7 +24,7 @@ DATA_VERSION = "PRAGMA data_version"
 CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
 CHECKPOINT_PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
 # Appenders checkpoint on their own schedule, after the wake-ups and outside the write lock
-# (_db.CHECKPOINT_PAGES); SQLite's checkpoint inside a committing statement, which would hold
+# (_db.Checkpointer); SQLite's checkpoint inside a committing statement, which would hold
 # the lock and delay the wake-ups through an fsync, is left as a backstop at 16 MiB.
 AUTOCHECKPOINT_BACKSTOP = "PRAGMA wal_autocheckpoint = 4096"
 INTEGRITY_CHECK = "PRAGMA integrity_check"

@@ -33,10 +33,6 @@ from .errors import EventlogError, GroupBusy, InvalidArgument, LogClosed, NotFou
 log = logging.getLogger("eventlog")
 T = TypeVar("T")
 
-# Connections inherited through fork() are parked here, never closed: closing them in the
-# child would run SQLite's close path on the parent's handles.
-_ABANDONED: list[object] = []
-
 FALLBACK_POLL_S = 0.25  # how often a waiter checks data_version when no datagram came
 
 
@@ -160,11 +156,12 @@ class SyncLog:
             check_same_thread=False,
         )  # fmt: skip
         self._conn.execute(_sql.AUTOCHECKPOINT_BACKSTOP)
-        self._wal_pages = 0
+        self._checkpointer = _db.Checkpointer(self.paths, self.durability, self._busy_ms)
         self._write_lock = FileLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(self.paths.wake_folder)
 
     def _close_handles(self) -> None:
+        self._checkpointer.close()
         self._write_lock.close()
         self._wake.close()
         self._conn.close()
@@ -173,7 +170,8 @@ class SyncLog:
         if self._closed:
             raise LogClosed(f"the log {self.paths.db} is closed")
         if os.getpid() != self._pid:
-            _ABANDONED.append(self._conn)
+            _db.ABANDONED.append(self._conn)
+            self._checkpointer.close()  # in a child this only forgets it
             self._write_lock.close()  # in a child this only forgets the descriptor
             self._cache = TopicCache()
             self._open_handles()
@@ -189,9 +187,7 @@ class SyncLog:
             return result
 
     def _committed(self, events: int = 1) -> None:
-        self._wal_pages += _db.wal_pages(events)
-        if self._wal_pages >= _db.CHECKPOINT_PAGES:
-            self._wal_pages = 0
+        if self._checkpointer.note_commit(events):
             try:
                 _db.drive(self._conn, _one(_sql.CHECKPOINT_PASSIVE), "none")
             except EventlogError as exc:
@@ -499,7 +495,8 @@ class SyncLog:
                 return
             self._closed = True
             if os.getpid() != self._pid:
-                _ABANDONED.append(self._conn)
+                _db.ABANDONED.append(self._conn)
+                self._checkpointer.close()
                 self._write_lock.close()
                 return
             self._close_handles()

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import stat
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eventlog
-from eventlog import _core
+from eventlog import _core, _db
 
 both_durabilities = pytest.mark.parametrize("durability", ["full", "normal"])
 
@@ -422,6 +424,45 @@ async def test_appenders_checkpoint_on_their_own_schedule(log: Any, db_path: Pat
         await log.append("t", {"i": i, "pad": "x" * 200})
     wal = os.path.getsize(f"{db_path}-wal")
     assert wal < 8 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
+
+
+def test_the_checkpoint_bulk_runs_on_its_own_thread_and_the_appender_finishes_it(
+    tmp_path: Path,
+) -> None:
+    # The append that makes a checkpoint due returns at once; once the thread has run the
+    # bulk, the next commit is told to finish it (the frames committed meanwhile), once.
+    with eventlog.open_sync(tmp_path / "app.db", durability="normal") as log:
+        log.append_many([eventlog.Draft("t", {"i": i, "pad": "x" * 200}) for i in range(3000)])
+        checkpointer = _db.Checkpointer(log.paths, "normal", 5000)
+        try:
+            assert not checkpointer.note_commit(1)
+            assert not checkpointer.running, "a thread before any checkpoint was due"
+            assert not checkpointer.note_commit((_db.CHECKPOINT_PAGES - 2) * 16)
+            assert checkpointer.running
+            deadline = time.monotonic() + 10
+            while not checkpointer.note_commit(0):
+                assert time.monotonic() < deadline, "the checkpoint thread never finished"
+                time.sleep(0.01)
+            assert not checkpointer.note_commit(0), "asked to finish the same checkpoint twice"
+        finally:
+            checkpointer.close()
+        with raw(log.paths.db) as conn:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and frames == done
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_closing_a_log_stops_its_checkpoint_thread(log: Any) -> None:
+    def checkpoint_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "eventlog-checkpoint"]
+
+    before = checkpoint_threads()
+    await log.append_many([eventlog.Draft("t", {"i": i, "pad": "x" * 200}) for i in range(20_000)])
+    for i in range(10):
+        await log.append("t", i)  # the batch made a checkpoint due: its thread is running
+    assert len(checkpoint_threads()) == len(before) + 1
+    await log.close()
+    assert checkpoint_threads() == before
 
 
 @pytest.mark.parametrize("durability", ["normal"])
