@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -156,14 +158,17 @@ def connect(
     busy_timeout_ms: int,
     read_only: bool = False,
     check_same_thread: bool = True,
+    create: bool = True,
 ) -> sqlite3.Connection:
-    """A connection in autocommit mode: every transaction is explicit and short."""
+    """A connection in autocommit mode: every transaction is explicit and short. With
+    create=False a missing file is an error, never a new empty database."""
     if durability not in ("full", "normal"):
         raise InvalidArgument(f"durability must be 'full' or 'normal', got {durability!r}")
     try:
-        if read_only:
+        if read_only or not create:
             conn = sqlite3.connect(
-                f"{paths.db.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                f"{paths.db.as_uri()}?mode={'ro' if read_only else 'rw'}", uri=True,
+                isolation_level=None,
                 check_same_thread=check_same_thread, cached_statements=256,
             )  # fmt: skip
         else:
@@ -248,7 +253,9 @@ class Checkpointer:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None  # the thread's, opened there
+        self._in_sqlite = threading.Lock()  # held by the thread while it is inside SQLite
         self._pid = os.getpid()
+        _LIVE_CHECKPOINTERS.add(self)
 
     @property
     def running(self) -> bool:
@@ -263,44 +270,82 @@ class Checkpointer:
         self._pages += wal_pages(events)
         if self._pages >= CHECKPOINT_PAGES:
             self._pages = 0
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="eventlog-checkpoint", daemon=True
-                )
-                self._thread.start()
+            if self._thread is None and not self._start():
+                return True  # no thread to be had: the caller checkpoints, all of it
             self._due.set()
         return finish
+
+    def _start(self) -> bool:
+        thread = threading.Thread(target=self._run, name="eventlog-checkpoint", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            log.warning("no checkpoint thread (%s); checkpointing inline", exc)
+            return False
+        self._thread = thread
+        return True
 
     def _run(self) -> None:
         while True:
             self._due.wait()
             self._due.clear()
-            if self._closing:
-                return
-            try:
-                if self._conn is None:
-                    self._conn = connect(
-                        self._paths, durability=self._durability,
-                        busy_timeout_ms=self._busy_ms, check_same_thread=False,
-                    )  # fmt: skip
-                self._conn.execute(_sql.CHECKPOINT_PASSIVE).fetchall()
-            except (sqlite3.Error, EventlogError) as exc:
-                log.warning("background checkpoint failed: %s", exc)
-                continue
+            with self._in_sqlite:
+                if self._closing:
+                    return
+                try:
+                    if self._conn is None:
+                        # mode=rw: a file removed meanwhile must not come back empty
+                        self._conn = connect(
+                            self._paths, durability=self._durability,
+                            busy_timeout_ms=self._busy_ms, check_same_thread=False,
+                            create=False,
+                        )  # fmt: skip
+                    self._conn.execute(_sql.CHECKPOINT_PASSIVE).fetchall()
+                except (sqlite3.Error, EventlogError) as exc:
+                    log.warning("background checkpoint failed: %s", exc)
+                    continue
             self._bulk_done.set()
 
     def close(self) -> None:
         """Stop the thread (after the checkpoint it may be running) and close its connection."""
+        _LIVE_CHECKPOINTERS.discard(self)
         if os.getpid() != self._pid:
             ABANDONED.append(self)  # a child has no such thread, and must not close the conn
             return
         self._closing = True
         self._due.set()
-        if self._thread is not None:
-            self._thread.join()
+        thread = self._thread
+        if thread is not None:
+            if sys.is_finalizing():
+                return  # the thread can no longer run: joining it would wait for ever
+            thread.join(self._busy_ms / 1000 + 10)
+            if thread.is_alive():
+                log.warning("the checkpoint thread is still busy; leaving it its connection")
+                return
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+# fork() while a checkpoint thread is inside SQLite would copy SQLite's locks held, with no
+# thread left in the child to release them: a fork waits for those threads to step out.
+_LIVE_CHECKPOINTERS: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+_HELD_FOR_FORK: list[Checkpointer] = []
+
+
+def _before_fork() -> None:
+    _HELD_FOR_FORK[:] = list(_LIVE_CHECKPOINTERS)
+    for checkpointer in _HELD_FOR_FORK:
+        checkpointer._in_sqlite.acquire()
+
+
+def _after_fork() -> None:
+    for checkpointer in _HELD_FOR_FORK:
+        checkpointer._in_sqlite.release()
+    _HELD_FOR_FORK.clear()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 class WouldBlock(Exception):

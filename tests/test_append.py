@@ -8,6 +8,8 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -463,6 +465,61 @@ async def test_closing_a_log_stops_its_checkpoint_thread(log: Any) -> None:
     assert len(checkpoint_threads()) == len(before) + 1
     await log.close()
     assert checkpoint_threads() == before
+
+
+def test_without_a_thread_to_be_had_the_appender_checkpoints_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    db = tmp_path / "app.db"
+    with eventlog.open_sync(db, durability="normal") as log:
+        for i in range(3000):
+            log.append("t", {"i": i, "pad": "x" * 200})  # none fails: each one committed
+        wal = os.path.getsize(f"{db}-wal")
+    assert wal < 8 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
+    assert len(events_by_offset(db)) == 3000
+
+
+def test_the_checkpoint_thread_never_creates_a_removed_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "app.db"
+    with eventlog.open_sync(db, durability="normal") as log:
+        log.append("t", 1)
+        paths = log.paths
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    checkpointer = _db.Checkpointer(paths, "normal", 100)
+    try:
+        checkpointer.note_commit(_db.CHECKPOINT_PAGES * 16)
+        deadline = time.monotonic() + 10
+        while "background checkpoint failed" not in caplog.text:
+            assert time.monotonic() < deadline, "the checkpoint thread never tried"
+            time.sleep(0.01)
+    finally:
+        checkpointer.close()
+    assert not db.exists()
+
+
+def test_a_process_that_never_closed_its_log_still_exits(tmp_path: Path) -> None:
+    # Closed by the garbage collector at interpreter exit, while the checkpoint thread lives:
+    # on Pythons where daemon threads cannot run any more by then, waiting for it would hang
+    # the process (3.11 here exits either way; the guard is for the others).
+    script = (
+        "import sys, eventlog\n"
+        "LOG = eventlog.open_sync(sys.argv[1], durability='normal')\n"
+        "LOG.append_many([eventlog.Draft('t', {'i': i, 'pad': 'x' * 200}) for i in range(20000)])\n"
+        "for i in range(10):\n"
+        "    LOG.append('t', i)\n"
+    )
+    command = [sys.executable, "-c", script, str(tmp_path / "app.db")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(events_by_offset(tmp_path / "app.db")) == 20010
 
 
 @pytest.mark.parametrize("durability", ["normal"])

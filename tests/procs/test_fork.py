@@ -194,3 +194,25 @@ def test_forked_child_exiting_normally_leaves_the_file_intact(
         assert stored[offset][3] == {"who": "child", "i": i}
     with eventlog.open_sync(db_path) as log:
         assert log.append("forked", "again") > max(stored)
+
+
+def test_children_forked_as_checkpoints_run_in_a_thread_work(db_path: Path) -> None:
+    # A fork while the parent's checkpoint thread is inside SQLite would hand the child
+    # SQLite's locks held by a thread the child does not have; fork waits for it to step out.
+    # Each fork here comes right as a checkpoint falls due, with its thread starting on it.
+    batch = [eventlog.Draft("t", {"pad": "x" * 200}) for _ in range(16_000)]
+    with eventlog.open_sync(db_path, durability="normal") as log:
+        for round_ in range(8):
+            log.append_many(batch)
+
+            def child(round_: int = round_) -> int:
+                with eventlog.open_sync(db_path, durability="normal") as own:
+                    own.append("t", {"child": round_})
+                    own.checkpoint()
+                offset = log.append("t", {"inherited": round_})
+                log.close()
+                return offset
+
+            assert run_in_child(child, timeout=60).result() > 0
+        assert sum(1 for _ in log.read("t")) == 8 * (16_000 + 2)
+    assert integrity(db_path) == ["ok"]
