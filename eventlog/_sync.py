@@ -166,13 +166,17 @@ class SyncLog:
         self._wake.close()
         self._conn.close()
 
+    def _forget_parents_handles(self) -> None:
+        """In a child of fork(): let go of the parent's handles without touching them."""
+        _db.ABANDONED.append(self._conn)
+        self._checkpointer.close()  # in a child this only forgets it
+        self._write_lock.close()  # in a child this only forgets the descriptor
+
     def _check(self) -> None:
         if self._closed:
             raise LogClosed(f"the log {self.paths.db} is closed")
         if os.getpid() != self._pid:
-            _db.ABANDONED.append(self._conn)
-            self._checkpointer.close()  # in a child this only forgets it
-            self._write_lock.close()  # in a child this only forgets the descriptor
+            self._forget_parents_handles()
             self._cache = TopicCache()
             self._open_handles()
             self._mutex = threading.RLock()
@@ -495,9 +499,7 @@ class SyncLog:
                 return
             self._closed = True
             if os.getpid() != self._pid:
-                _db.ABANDONED.append(self._conn)
-                self._checkpointer.close()
-                self._write_lock.close()
+                self._forget_parents_handles()
                 return
             self._close_handles()
 
