@@ -32,7 +32,7 @@ import aiosqlite
 
 from . import _core, _db, _deadletter, _groups, _sql
 from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, TopicCache, TopicInfo
-from ._locks import FileLock
+from ._locks import QueuedLock
 from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
 from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, LogClosed, LogForked
@@ -85,12 +85,12 @@ class AsyncLog:
         self._alone = 0  # appends in flight on the worker without the writer task
         self._wakers: set[asyncio.Task[None]] = set()  # see _wake_after_worker
         self._aconn: aiosqlite.Connection | None = None
-        self._write_lock: FileLock | None = None
+        self._write_lock: QueuedLock | None = None
         self._wake: WakeSender | None = None
         self._pid = os.getpid()
         self._closed = False
         self._fast_conn: sqlite3.Connection | None = None
-        self._fast_lock: FileLock | None = None
+        self._fast_lock: QueuedLock | None = None
         self._checkpointer = _db.Checkpointer(self.paths, durability, self._busy_ms)
         self._flush_scheduled = False
         self._step_used = False
@@ -104,7 +104,7 @@ class AsyncLog:
         paths = self.paths
         _db.check_filesystem(paths, self._allow_network_fs)
         _db.prepare_files(paths, create=self._create)
-        self._write_lock = FileLock(paths.write_lock, timeout=self._busy_ms / 1000)
+        self._write_lock = QueuedLock(paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(paths.wake_folder)
 
         def connector() -> sqlite3.Connection:
@@ -139,7 +139,7 @@ class AsyncLog:
             # so that the two threads' flocks exclude each other. Opened after the worker's
             # connection has put the file in WAL mode and migrated it.
             try:
-                self._fast_lock = FileLock(paths.write_lock)
+                self._fast_lock = QueuedLock(paths.write_lock)
                 self._fast_conn = _db.connect(paths, durability="normal", busy_timeout_ms=0)
                 # Only a backstop: a task that appends without ever yielding starves the
                 # worker's checkpoints, and under steady load none lands in a quiet moment,
@@ -272,7 +272,8 @@ class AsyncLog:
     def _committed(self, events: int) -> None:
         """Count an append's commit for the checkpointer; when its thread has run the bulk of
         a checkpoint, finish it on the worker (after the wake-ups, outside the write lock)."""
-        if self._checkpointer.note_commit(events) and (
+        assert self._write_lock is not None
+        if self._checkpointer.note_commit(events, self._write_lock) and (
             self._finishing is None or self._finishing.done()
         ):
             self._finishing = asyncio.create_task(self._checkpoint_passive())

@@ -29,7 +29,7 @@ from . import _core, _db, _groups
 from ._core import Event, Lane
 from ._deadletter import DeadLetter, DeadLetterFile, new_id
 from ._groups import LaneState
-from ._locks import FileLock
+from ._locks import FileLock, QueuedLock
 from ._members import Membership
 from .errors import DeadLetterError, InvalidArgument
 
@@ -642,7 +642,7 @@ def _exit_after_hard_timeout(
         if not held.batch:
             conn = _db.connect(paths, durability=durability, busy_timeout_ms=10_000,
                                check_same_thread=False)  # fmt: skip
-            lock = FileLock(paths.write_lock, timeout=10.0)
+            lock = QueuedLock(paths.write_lock, timeout=10.0)
             plan = _groups.record_hard_timeout_plan(group, event, held.attempts, error, held.state)
             _db.drive(conn, plan, "write", lock)
     except Exception:

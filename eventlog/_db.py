@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from . import _core, _sql
 from ._core import EncodedEvent, Mode, Plan, Row, Stmt, TopicCache
-from ._locks import FileLock
+from ._locks import FileLock, QueuedLock
 from .errors import (
     EventlogError,
     InvalidArgument,
@@ -247,7 +247,6 @@ class Checkpointer:
         self._paths = paths
         self._durability = durability
         self._busy_ms = busy_timeout_ms
-        self._pages = 0
         self._due = threading.Event()  # the thread has a bulk checkpoint to run
         self._bulk_done = threading.Event()  # it ran one: the appender finishes it
         self._closing = False
@@ -261,15 +260,14 @@ class Checkpointer:
     def running(self) -> bool:
         return self._thread is not None
 
-    def note_commit(self, events: int) -> bool:
-        """Count a commit's WAL pages, starting a bulk checkpoint when they reach
-        CHECKPOINT_PAGES; True when the caller should now run CHECKPOINT_PASSIVE itself."""
+    def note_commit(self, events: int, writers: QueuedLock) -> bool:
+        """Count a commit's WAL pages on the tally all writers share, starting a bulk checkpoint
+        when they reach CHECKPOINT_PAGES; True when the caller should now run
+        CHECKPOINT_PASSIVE itself."""
         finish = self._bulk_done.is_set()
         if finish:
             self._bulk_done.clear()
-        self._pages += wal_pages(events)
-        if self._pages >= CHECKPOINT_PAGES:
-            self._pages = 0
+        if writers.tally_pages(wal_pages(events), CHECKPOINT_PAGES):
             if self._thread is None and not self._start():
                 return True  # no thread to be had: the caller checkpoints, all of it
             self._due.set()

@@ -8,10 +8,17 @@ and the kernel drops it the instant its holder dies.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
+import mmap
 import os
+import struct
 import threading
+import time
 from pathlib import Path
+
+log = logging.getLogger("eventlog")
 
 
 class FileLock:
@@ -125,6 +132,193 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# The queue file, shared by every writer: [0, 8) the next ticket, [8, 16) the ticket after the
+# last one served, [16, 24) the WAL pages committed since the last checkpoint. The OFD lock on
+# byte 0 guards the next ticket; ticket n's holder keeps an OFD lock on byte GATE0 + n from
+# taking the ticket until it lets the lock go.
+_NEXT, _SERVED, _PAGES, _GATE0 = 0, 8, 16, 64
+_FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD)
+_CONFLICT = (errno.EAGAIN, errno.EACCES)
+QUEUE_PATIENCE = 0.05  # a queued writer stops keeping its turn after this (its turn-ahead stalled)
+SPIN_FOR = 0.0005  # a queued writer looks without sleeping this long, and while next in line
+NAP_MIN, NAP_MAX = 0.00005, 0.0005  # then sleeps between looks
+
+
+class QueuedLock(FileLock):
+    """A FileLock whose contended acquires are served first come, first served.
+
+    A released flock wakes its waiters, but on a busy machine the one woken is queued on a
+    CPU behind the releaser, which takes the lock straight back on its next write: a waiter
+    could lose for several scheduler ticks in a row. Here a writer that finds the lock taken,
+    or others queued, takes a ticket and waits for the ticket ahead of its own to be done,
+    yielding the CPU meanwhile, so the holder runs on and the releaser queues behind.
+    The flock still does the excluding; the queue only orders. A queued process that dies
+    leaves at once (the kernel drops its locks), and one that is stopped costs those behind it
+    QUEUE_PATIENCE once, never exclusion. Without OFD locks (Linux only) it is a FileLock.
+    """
+
+    def __init__(self, path: Path, *, timeout: float | None = None) -> None:
+        super().__init__(path, timeout=timeout)
+        self._ticket: int | None = None
+        self._own_pages = 0  # the page tally, where there is no queue file to share it in
+        self._queue: int | None = None
+        self._shared: mmap.mmap | None = None
+        if not hasattr(fcntl, "F_OFD_SETLK"):
+            return
+        fd = os.open(path.with_suffix(".queue"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < _GATE0:
+                os.ftruncate(fd, _GATE0)  # the same size again changes nothing
+            _ofd_taken(fd, 0)  # some file systems refuse OFD locks: then no queue
+            self._shared = mmap.mmap(fd, _GATE0)
+        except OSError as exc:
+            os.close(fd)
+            log.warning("%s: writers will not queue (%s)", path, exc)
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        self._queue = fd
+        self._unordered_until = 0.0  # monotonic time: a stuck guard keeps us out till then
+
+    def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        if self._queue is None:
+            return super().acquire(blocking=blocking, timeout=timeout)
+        if self._nobody_queued() and super().acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        timeout = self.timeout if timeout is None else timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        ticket = None if now < self._unordered_until else self._take_ticket()
+        try:
+            if ticket is not None:
+                self._wait_for_turn_ahead(ticket, deadline)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = super().acquire(timeout=left)
+        except BaseException:
+            self._leave_queue(ticket, served=False)
+            raise
+        if not got:
+            self._leave_queue(ticket, served=False)
+            return False
+        self._ticket = ticket
+        return True
+
+    def release(self) -> None:
+        super().release()
+        ticket, self._ticket = self._ticket, None
+        self._leave_queue(ticket, served=True)
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            # Shared with the parent as the flock is: its gate is not ours to open.
+            self._ticket = self._queue = self._shared = None
+        elif self._queue is not None:
+            self.release()
+            assert self._shared is not None
+            self._shared.close()
+            os.close(self._queue)
+            self._queue = self._shared = None
+        super().close()
+
+    def tally_pages(self, pages: int, limit: int) -> bool:
+        """Add a commit's WAL pages to the tally all writers keep; True, with the tally started
+        over, when it reaches `limit`. The WAL holds every writer's commits: counted apart,
+        four writers each saw a quarter of it, and SQLite's backstop checkpoint (inside a
+        commit, under the lock) ran before any of theirs."""
+        shared = self._shared
+        # Unguarded: two writers adding at the same instant lose one commit's pages, which
+        # only puts the checkpoint off by as much.
+        total = pages + (self._own_pages if shared is None else _read(shared, _PAGES))
+        due = total >= limit
+        if due:
+            total = 0
+        if shared is None:
+            self._own_pages = total
+        else:
+            struct.pack_into("q", shared, _PAGES, total)
+        return due
+
+    def _nobody_queued(self) -> bool:
+        shared = self._shared
+        assert shared is not None
+        # Read without the guard: a stale answer costs one barge or one needless ticket.
+        return _read(shared, _NEXT) == _read(shared, _SERVED)
+
+    def _take_ticket(self) -> int | None:
+        """The next ticket, its gate locked; None if the guard stays taken (then unordered)."""
+        fd, shared = self._queue, self._shared
+        assert fd is not None and shared is not None
+        give_up = time.monotonic() + QUEUE_PATIENCE
+        while not _ofd_lock(fd, 0, fcntl.F_WRLCK):
+            if time.monotonic() > give_up:
+                # Held for three system calls, so its holder is stopped: do without the
+                # queue for a while rather than wait this long on every write.
+                self._unordered_until = time.monotonic() + 1.0
+                return None
+            os.sched_yield()
+        try:
+            ticket = _read(shared, _NEXT)
+            _ofd_lock(fd, _GATE0 + ticket, fcntl.F_WRLCK)  # a fresh byte: nobody holds it
+            struct.pack_into("q", shared, _NEXT, ticket + 1)
+        finally:
+            _ofd_lock(fd, 0, fcntl.F_UNLCK)
+        return ticket
+
+    def _wait_for_turn_ahead(self, ticket: int, deadline: float | None) -> None:
+        fd, shared = self._queue, self._shared
+        assert fd is not None and shared is not None
+        started = time.monotonic()
+        give_up = started + QUEUE_PATIENCE
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        nap = NAP_MIN
+        while ticket > 0 and _ofd_taken(fd, _GATE0 + ticket - 1):
+            now = time.monotonic()
+            if now > give_up:
+                return
+            if now - started < SPIN_FOR or ticket - _read(shared, _SERVED) <= 1:
+                # Yield the CPU (to the holder, if it shares ours) and look again at once,
+                # rather than sleep past the moment the turn comes.
+                os.sched_yield()
+            else:
+                time.sleep(nap)
+                nap = min(2 * nap, NAP_MAX)
+
+    def _leave_queue(self, ticket: int | None, *, served: bool) -> None:
+        if ticket is None or self._queue is None:
+            return
+        if served:
+            shared = self._shared
+            assert shared is not None
+            # max: one that had stopped keeping its turn may be let go of after later ones
+            struct.pack_into("q", shared, _SERVED, max(ticket + 1, _read(shared, _SERVED)))
+        _ofd_lock(self._queue, _GATE0 + ticket, fcntl.F_UNLCK)
+
+
+def _read(shared: mmap.mmap, at: int) -> int:
+    return int(struct.unpack_from("q", shared, at)[0])
+
+
+def _ofd_lock(fd: int, byte: int, kind: int) -> bool:
+    """Lock (or unlock) one byte with an open-file-description lock; False if taken."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+    except OSError as exc:
+        if exc.errno in _CONFLICT:
+            return False
+        raise
+    return True
+
+
+def _ofd_taken(fd: int, byte: int) -> bool:
+    """True while another open file description holds a lock on the byte."""
+    reply = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+    return bool(_FLOCK.unpack(reply)[0] != fcntl.F_UNLCK)
 
 
 def is_locked(path: Path) -> bool:

@@ -26,7 +26,7 @@ from ._core import (
     TopicInfo,
     encode_event,
 )
-from ._locks import FileLock
+from ._locks import QueuedLock
 from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
 
@@ -157,7 +157,7 @@ class SyncLog:
         )  # fmt: skip
         self._conn.execute(_sql.AUTOCHECKPOINT_BACKSTOP)
         self._checkpointer = _db.Checkpointer(self.paths, self.durability, self._busy_ms)
-        self._write_lock = FileLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
+        self._write_lock = QueuedLock(self.paths.write_lock, timeout=self._busy_ms / 1000)
         self._wake = WakeSender(self.paths.wake_folder)
 
     def _close_handles(self) -> None:
@@ -191,7 +191,7 @@ class SyncLog:
             return result
 
     def _committed(self, events: int = 1) -> None:
-        if self._checkpointer.note_commit(events):
+        if self._checkpointer.note_commit(events, self._write_lock):
             try:
                 _db.drive(self._conn, _one(_sql.CHECKPOINT_PASSIVE), "none")
             except EventlogError as exc:

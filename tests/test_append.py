@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import eventlog
 from eventlog import _core, _db
+from eventlog._locks import QueuedLock
 
 both_durabilities = pytest.mark.parametrize("durability", ["full", "normal"])
 
@@ -428,6 +429,23 @@ async def test_appenders_checkpoint_on_their_own_schedule(log: Any, db_path: Pat
     assert wal < 8 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
 
 
+def test_writers_in_step_checkpoint_on_the_pages_of_all_of_them(tmp_path: Path) -> None:
+    # Four writers (as four processes would be: each log has its own connection and locks)
+    # take turns. The WAL holds all their commits: each counting only its own would let it
+    # grow to four times CHECKPOINT_PAGES, into SQLite's backstop inside a commit.
+    db = tmp_path / "app.db"
+    logs = [eventlog.open_sync(db, durability="normal") for _ in range(4)]
+    try:
+        for i in range(1500):
+            for log in logs:
+                log.append("t", {"i": i, "pad": "x" * 200})
+        wal_pages = os.path.getsize(f"{db}-wal") // 4096  # its largest (it is reused, not cut)
+    finally:
+        for log in logs:
+            log.close()
+    assert wal_pages < 2 * _db.CHECKPOINT_PAGES, f"the WAL grew to {wal_pages} pages"
+
+
 def test_the_checkpoint_bulk_runs_on_its_own_thread_and_the_appender_finishes_it(
     tmp_path: Path,
 ) -> None:
@@ -436,18 +454,21 @@ def test_the_checkpoint_bulk_runs_on_its_own_thread_and_the_appender_finishes_it
     with eventlog.open_sync(tmp_path / "app.db", durability="normal") as log:
         log.append_many([eventlog.Draft("t", {"i": i, "pad": "x" * 200}) for i in range(3000)])
         checkpointer = _db.Checkpointer(log.paths, "normal", 5000)
+        writers = QueuedLock(log.paths.write_lock)
+        writers.tally_pages(0, 1)  # the tally starts over
         try:
-            assert not checkpointer.note_commit(1)
+            assert not checkpointer.note_commit(1, writers)
             assert not checkpointer.running, "a thread before any checkpoint was due"
-            assert not checkpointer.note_commit((_db.CHECKPOINT_PAGES - 2) * 16)
+            assert not checkpointer.note_commit((_db.CHECKPOINT_PAGES - 2) * 16, writers)
             assert checkpointer.running
             deadline = time.monotonic() + 10
-            while not checkpointer.note_commit(0):
+            while not checkpointer.note_commit(0, writers):
                 assert time.monotonic() < deadline, "the checkpoint thread never finished"
                 time.sleep(0.01)
-            assert not checkpointer.note_commit(0), "asked to finish the same checkpoint twice"
+            assert not checkpointer.note_commit(0, writers), "asked to finish the same one twice"
         finally:
             checkpointer.close()
+            writers.close()
         with raw(log.paths.db) as conn:
             busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         assert busy == 0 and frames == done
@@ -493,14 +514,16 @@ def test_the_checkpoint_thread_never_creates_a_removed_database(
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     checkpointer = _db.Checkpointer(paths, "normal", 100)
+    writers = QueuedLock(paths.write_lock)
     try:
-        checkpointer.note_commit(_db.CHECKPOINT_PAGES * 16)
+        checkpointer.note_commit(_db.CHECKPOINT_PAGES * 16, writers)
         deadline = time.monotonic() + 10
         while "background checkpoint failed" not in caplog.text:
             assert time.monotonic() < deadline, "the checkpoint thread never tried"
             time.sleep(0.01)
     finally:
         checkpointer.close()
+        writers.close()
     assert not db.exists()
 
 
