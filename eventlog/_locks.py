@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("eventlog")
@@ -119,6 +120,9 @@ class FileLock:
             return
         if os.getpid() != self._pid:
             # A child of fork() shares the description: unlocking would free the parent's lock.
+            # Closing our copies releases nothing, and lets the lock go if the parent dies.
+            for fd in {self._fd, self._held_fd} - {None}:
+                os.close(fd)  # type: ignore[arg-type]
             self._fd = self._held_fd = None
             return
         self.release()
@@ -139,11 +143,13 @@ class FileLock:
 # byte 0 guards the next ticket; ticket n's holder keeps an OFD lock on byte GATE0 + n from
 # taking the ticket until it lets the lock go.
 _NEXT, _SERVED, _PAGES, _GATE0 = 0, 8, 16, 64
-_FLOCK = struct.Struct("hhqqi")  # struct flock: type, whence, start, len, pid (0 for OFD)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD)
 _CONFLICT = (errno.EAGAIN, errno.EACCES)
 QUEUE_PATIENCE = 0.05  # a queued writer stops keeping its turn after this (its turn-ahead stalled)
-SPIN_FOR = 0.0005  # a queued writer looks without sleeping this long, and while next in line
+SPIN_FOR = 0.0005  # a queued writer looks without sleeping this long,
+NEXT_IN_LINE_SPIN = 0.005  # and this long when next in line (an fsync or two at `full`),
 NAP_MIN, NAP_MAX = 0.00005, 0.0005  # then sleeps between looks
+GUARD_BACKOFF, GUARD_BACKOFF_MAX = 1.0, 60.0  # unordered after a stuck ticket guard, doubling
 
 
 class QueuedLock(FileLock):
@@ -165,23 +171,29 @@ class QueuedLock(FileLock):
         self._own_pages = 0  # the page tally, where there is no queue file to share it in
         self._queue: int | None = None
         self._shared: mmap.mmap | None = None
-        if not hasattr(fcntl, "F_OFD_SETLK"):
-            return
-        fd = os.open(path.with_suffix(".queue"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._unordered_until = 0.0  # monotonic time: a stuck guard keeps us out till then
+        self._unordered_for = GUARD_BACKOFF
+        if hasattr(fcntl, "F_OFD_SETLK"):
+            try:
+                self._open_queue(path.with_suffix(".queue"))
+            except OSError as exc:
+                log.warning("%s: writers will not queue (%s)", path, exc)
+            except BaseException:
+                super().close()
+                raise
+
+    def _open_queue(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < _GATE0:
-                os.ftruncate(fd, _GATE0)  # the same size again changes nothing
+            # Real blocks, not a hole: a store into a mapped hole on a full disk is SIGBUS.
+            # fallocate never changes bytes already there (another writer's tickets).
+            os.posix_fallocate(fd, 0, _GATE0)
             _ofd_taken(fd, 0)  # some file systems refuse OFD locks: then no queue
             self._shared = mmap.mmap(fd, _GATE0)
-        except OSError as exc:
-            os.close(fd)
-            log.warning("%s: writers will not queue (%s)", path, exc)
-            return
         except BaseException:
             os.close(fd)
             raise
         self._queue = fd
-        self._unordered_until = 0.0  # monotonic time: a stuck guard keeps us out till then
 
     def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
         if self._queue is None:
@@ -193,8 +205,10 @@ class QueuedLock(FileLock):
         timeout = self.timeout if timeout is None else timeout
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        ticket = None if now < self._unordered_until else self._take_ticket()
+        ticket = None
         try:
+            if now >= self._unordered_until:
+                ticket = self._take_ticket()
             if ticket is not None:
                 self._wait_for_turn_ahead(ticket, deadline)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -214,15 +228,15 @@ class QueuedLock(FileLock):
         self._leave_queue(ticket, served=True)
 
     def close(self) -> None:
-        if os.getpid() != self._pid:
-            # Shared with the parent as the flock is: its gate is not ours to open.
-            self._ticket = self._queue = self._shared = None
-        elif self._queue is not None:
-            self.release()
+        if self._queue is not None:
+            if os.getpid() == self._pid:
+                self.release()
+            # In a child of fork() the gate, like the flock, is the parent's: closing our copy
+            # of the descriptor releases neither.
             assert self._shared is not None
             self._shared.close()
             os.close(self._queue)
-            self._queue = self._shared = None
+            self._ticket = self._queue = self._shared = None
         super().close()
 
     def tally_pages(self, pages: int, limit: int) -> bool:
@@ -250,21 +264,25 @@ class QueuedLock(FileLock):
         return _read(shared, _NEXT) == _read(shared, _SERVED)
 
     def _take_ticket(self) -> int | None:
-        """The next ticket, its gate locked; None if the guard stays taken (then unordered)."""
+        """The next ticket, its gate locked; None (go unordered) if the guard stays taken."""
         fd, shared = self._queue, self._shared
         assert fd is not None and shared is not None
-        give_up = time.monotonic() + QUEUE_PATIENCE
-        while not _ofd_lock(fd, 0, fcntl.F_WRLCK):
-            if time.monotonic() > give_up:
-                # Held for three system calls, so its holder is stopped: do without the
-                # queue for a while rather than wait this long on every write.
-                self._unordered_until = time.monotonic() + 1.0
-                return None
-            os.sched_yield()
+        if not _wait_for(lambda: _ofd_lock(fd, 0, fcntl.F_WRLCK), QUEUE_PATIENCE):
+            # Held for three system calls, so its holder is stopped: do without the queue
+            # for a while, longer each time, rather than wait this long on every write.
+            self._unordered_until = time.monotonic() + self._unordered_for
+            self._unordered_for = min(2 * self._unordered_for, GUARD_BACKOFF_MAX)
+            return None
+        self._unordered_for = GUARD_BACKOFF
         try:
             ticket = _read(shared, _NEXT)
-            _ofd_lock(fd, _GATE0 + ticket, fcntl.F_WRLCK)  # a fresh byte: nobody holds it
-            struct.pack_into("q", shared, _NEXT, ticket + 1)
+            if not _ofd_lock(fd, _GATE0 + ticket, fcntl.F_WRLCK):
+                return None  # a fresh byte is never held; if it is, stay out of the queue
+            try:
+                struct.pack_into("q", shared, _NEXT, ticket + 1)
+            except BaseException:
+                _ofd_lock(fd, _GATE0 + ticket, fcntl.F_UNLCK)
+                raise
         finally:
             _ofd_lock(fd, 0, fcntl.F_UNLCK)
         return ticket
@@ -272,22 +290,16 @@ class QueuedLock(FileLock):
     def _wait_for_turn_ahead(self, ticket: int, deadline: float | None) -> None:
         fd, shared = self._queue, self._shared
         assert fd is not None and shared is not None
-        started = time.monotonic()
-        give_up = started + QUEUE_PATIENCE
+        if ticket == 0:
+            return
+        patience = QUEUE_PATIENCE
         if deadline is not None:
-            give_up = min(give_up, deadline)
-        nap = NAP_MIN
-        while ticket > 0 and _ofd_taken(fd, _GATE0 + ticket - 1):
-            now = time.monotonic()
-            if now > give_up:
-                return
-            if now - started < SPIN_FOR or ticket - _read(shared, _SERVED) <= 1:
-                # Yield the CPU (to the holder, if it shares ours) and look again at once,
-                # rather than sleep past the moment the turn comes.
-                os.sched_yield()
-            else:
-                time.sleep(nap)
-                nap = min(2 * nap, NAP_MAX)
+            patience = min(patience, deadline - time.monotonic())
+
+        def next_in_line() -> bool:
+            return ticket - _read(shared, _SERVED) <= 1
+
+        _wait_for(lambda: not _ofd_taken(fd, _GATE0 + ticket - 1), patience, next_in_line)
 
     def _leave_queue(self, ticket: int | None, *, served: bool) -> None:
         if ticket is None or self._queue is None:
@@ -298,6 +310,26 @@ class QueuedLock(FileLock):
             # max: one that had stopped keeping its turn may be let go of after later ones
             struct.pack_into("q", shared, _SERVED, max(ticket + 1, _read(shared, _SERVED)))
         _ofd_lock(self._queue, _GATE0 + ticket, fcntl.F_UNLCK)
+
+
+def _wait_for(
+    done: Callable[[], bool], patience: float, eager: Callable[[], bool] = lambda: False
+) -> bool:
+    """Look until done() or patience runs out. The first looks only yield the CPU (to the
+    holder, if it shares ours) and look again at once, rather than sleep past the moment;
+    so do those while eager() (next in line), up to NEXT_IN_LINE_SPIN; then naps."""
+    started = time.monotonic()
+    nap = NAP_MIN
+    while not done():
+        waited = time.monotonic() - started
+        if waited > patience:
+            return False
+        if waited < SPIN_FOR or (waited < NEXT_IN_LINE_SPIN and eager()):
+            os.sched_yield()
+        else:
+            time.sleep(nap)
+            nap = min(2 * nap, NAP_MAX)
+    return True
 
 
 def _read(shared: mmap.mmap, at: int) -> int:

@@ -4,6 +4,7 @@ settings, and exact JSON round trips. Every test runs on both shells (the `log` 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import math
 import os
@@ -429,6 +430,7 @@ async def test_appenders_checkpoint_on_their_own_schedule(log: Any, db_path: Pat
     assert wal < 8 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
 
 
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="the tally is shared in write.queue")
 def test_writers_in_step_checkpoint_on_the_pages_of_all_of_them(tmp_path: Path) -> None:
     # Four writers (as four processes would be: each log has its own connection and locks)
     # take turns. The WAL holds all their commits: each counting only its own would let it

@@ -3,6 +3,7 @@ process does (dying, stopping, giving up) holds the others up for long."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from eventlog import _locks
 from eventlog._locks import QueuedLock
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_yield"), reason="Linux only")
+pytestmark = pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="no OFD locks: no queue")
 
 # A child process that takes a ticket (so queues behind whoever holds the lock), says so, and
 # then either waits or stops itself, holding its place.
@@ -86,9 +87,12 @@ def wait_for_ticket(lock: QueuedLock, tickets: int) -> None:
         time.sleep(0.001)
 
 
-def test_a_releasing_writer_queues_behind_the_one_already_waiting(lock_path: Path) -> None:
+def test_a_releasing_writer_queues_behind_the_one_already_waiting(
+    lock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A bare flock lets the releaser take the lock straight back, before the waiter it woke
     # gets a CPU: here the releaser's next acquire must wait its turn.
+    monkeypatch.setattr(_locks, "QUEUE_PATIENCE", 600.0)
     with locks(lock_path, 2) as (first, second):
         got: list[str] = []
         assert first.acquire()
@@ -103,15 +107,13 @@ def test_a_releasing_writer_queues_behind_the_one_already_waiting(lock_path: Pat
 
 
 def test_a_writer_that_finds_others_queued_does_not_jump_the_queue(lock_path: Path) -> None:
-    with locks(lock_path, 3) as (holder, queued, newcomer):
-        assert holder.acquire()
-        got: list[str] = []
-        waiter = acquire_in_thread(queued, got, "queued")
-        wait_for_ticket(holder, 1)
+    # The flock is free, but a writer holds a ticket (its turn come, about to take the flock):
+    # a newcomer must not slip in ahead of it, even one that only tries.
+    with locks(lock_path, 2) as (queued, newcomer):
+        ticket = queued._take_ticket()
+        assert ticket is not None
         assert not newcomer.acquire(blocking=False), "took the lock past a queued writer"
-        holder.release()
-        waiter.join(10)
-        assert got == ["queued"]
+        queued._leave_queue(ticket, served=True)
         assert newcomer.acquire(blocking=False), "the queue did not empty"
         newcomer.release()
 
@@ -119,14 +121,17 @@ def test_a_writer_that_finds_others_queued_does_not_jump_the_queue(lock_path: Pa
 def test_one_flock_still_excludes_with_many_queued(lock_path: Path) -> None:
     inside = 0
     most = 0
+    entered = 0
     guard = threading.Lock()
 
     def write(lock: QueuedLock) -> None:
-        nonlocal inside, most
+        nonlocal inside, most, entered
         for _ in range(200):
-            assert lock.acquire()
+            if not lock.acquire():
+                return
             with guard:
                 inside += 1
+                entered += 1
                 most = max(most, inside)
             time.sleep(0)
             with guard:
@@ -138,7 +143,9 @@ def test_one_flock_still_excludes_with_many_queued(lock_path: Path) -> None:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(120)
+            assert not thread.is_alive(), "a writer never got the lock"
+    assert entered == 4 * 200
     assert most == 1
 
 
@@ -196,3 +203,39 @@ def test_every_writer_adds_to_one_page_tally(lock_path: Path) -> None:
         assert not one.tally_pages(600, 1000)
         assert other.tally_pages(600, 1000), "each writer counted only its own pages"
         assert not one.tally_pages(600, 1000), "the tally did not start over"
+
+
+def test_a_stuck_ticket_guard_only_costs_the_order(
+    lock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process stopped inside the three calls that take a ticket keeps the guard: writers
+    # then do without the queue, and still get the lock as soon as it is free.
+    monkeypatch.setattr(_locks, "QUEUE_PATIENCE", 0.2)
+    with locks(lock_path, 3, timeout=60.0) as (stopped, holder, writer):
+        assert _locks._ofd_lock(stopped._queue, 0, fcntl.F_WRLCK)  # type: ignore[arg-type]
+        for _ in range(2):
+            assert holder.acquire()
+            got: list[str] = []
+            waiter = acquire_in_thread(writer, got, "writer")
+            time.sleep(0.3)
+            holder.release()
+            waiter.join(30)
+            assert got == ["writer"]
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parent_holding(lock_path: Path) -> None:
+    with locks(lock_path, 3) as (parent, queued, other):
+        assert parent.acquire()
+        ticket = queued._take_ticket()
+        pid = os.fork()
+        if pid == 0:  # the child: close the inherited locks, as a forked SyncLog does
+            parent.close()
+            queued.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert not other.acquire(blocking=False), "the child's close freed the parent's lock"
+        parent.release()
+        assert not other.acquire(blocking=False), "the child's close took the queued one's place"
+        queued._leave_queue(ticket, served=True)
+        assert other.acquire(blocking=False)
+        other.release()
