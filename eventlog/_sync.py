@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -31,6 +32,19 @@ from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
 
 log = logging.getLogger("eventlog")
+
+# A thread inside a SyncLog call when another thread forks leaves the child a copy of the
+# log's mutex that says held, by a thread the child does not have: the child's first call
+# would wait for ever. The child starts with one thread, so each mutex is replaced there.
+_LIVE_LOGS: weakref.WeakSet[SyncLog] = weakref.WeakSet()
+
+
+def _new_mutexes_in_child() -> None:
+    for sync_log in list(_LIVE_LOGS):
+        sync_log._mutex = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_mutexes_in_child)
 T = TypeVar("T")
 
 FALLBACK_POLL_S = 0.25  # how often a waiter checks data_version when no datagram came
@@ -139,6 +153,7 @@ class SyncLog:
         self._busy_ms = _db.check_open_options(durability, busy_timeout)
         self._cache = TopicCache()
         self._mutex = threading.RLock()
+        _LIVE_LOGS.add(self)
         _db.check_filesystem(self.paths, allow_network_fs)
         _db.prepare_files(self.paths, create=create)
         self._open_handles()
@@ -179,7 +194,6 @@ class SyncLog:
             self._forget_parents_handles()
             self._cache = TopicCache()
             self._open_handles()
-            self._mutex = threading.RLock()
 
     def run(self, plan: Plan[T], mode: Mode) -> T:
         """Drive a plan on this log's connection (used by the CLI and consumer tools)."""

@@ -216,3 +216,29 @@ def test_children_forked_as_checkpoints_run_in_a_thread_work(db_path: Path) -> N
             assert run_in_child(child, timeout=60).result() > 0
         assert sum(1 for _ in log.read("t")) == 8 * (16_000 + 2)
     assert integrity(db_path) == ["ok"]
+
+
+def test_a_child_forked_while_another_thread_uses_the_log_can_use_it(db_path: Path) -> None:
+    # A thread of the parent is inside a SyncLog call when another thread forks: the child's
+    # copy of the log's mutex says held, by a thread the child does not have.
+    with eventlog.open_sync(db_path) as log:
+        log.append("t", "first")
+        inside = threading.Event()
+        leave = threading.Event()
+
+        def busy_thread() -> None:
+            with log._mutex:  # as a thread in the middle of an append holds it
+                inside.set()
+                leave.wait(30)
+
+        thread = threading.Thread(target=busy_thread)
+        thread.start()
+        try:
+            assert inside.wait(10)
+            child = run_in_child(lambda: log.append("t", "from the child"), timeout=30)
+            offset = child.result()
+        finally:
+            leave.set()
+            thread.join(10)
+        assert offset > 0
+        assert [e.payload for e in log.read("t")] == ["first", "from the child"]
