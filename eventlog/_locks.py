@@ -1,9 +1,10 @@
-"""flock on dedicated lock files in the sidecar folder.
+"""flock on dedicated lock files in the sidecar folder, and the writers' queue in front of one.
 
 Never on the database, -wal or -shm files: closing any descriptor of a file drops every POSIX
 lock the process holds on it, SQLite's included. flock belongs to the open file description,
 so closing another descriptor of the same lock file elsewhere in the process changes nothing,
-and the kernel drops it the instant its holder dies.
+and the kernel drops it the instant its holder dies. The queue's byte locks are OFD locks
+(Linux), which belong to the open file description in the same way.
 """
 
 from __future__ import annotations
