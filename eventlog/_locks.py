@@ -229,16 +229,14 @@ class QueuedLock(FileLock):
         self._leave_queue(ticket, served=True)
 
     def close(self) -> None:
+        super().close()  # in the parent this releases (release() above: the gate too)
         if self._queue is not None:
-            if os.getpid() == self._pid:
-                self.release()
             # In a child of fork() the gate, like the flock, is the parent's: closing our copy
             # of the descriptor releases neither.
             assert self._shared is not None
             self._shared.close()
             os.close(self._queue)
             self._ticket = self._queue = self._shared = None
-        super().close()
 
     def tally_pages(self, pages: int, limit: int) -> bool:
         """Add a commit's WAL pages to the tally all writers keep; True, with the tally started
