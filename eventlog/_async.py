@@ -484,7 +484,24 @@ class AsyncLog:
         return await self.run(_core.topics_plan(), "read")
 
     async def get(self, offset: int) -> Event | None:
-        return await self.run(_core.read_event_plan(offset), "none")
+        event = await self.run(_core.read_event_plan(offset), "none")
+        if event is not None:
+            await self._ensure_durable(event.offset)
+        return event
+
+    async def _read_page(self, cursor: _core.ReadCursor, page: int) -> list[Event]:
+        events = await self.run(_core.read_page_plan(cursor, page, True), "read")
+        if events:
+            await self._ensure_durable(events[-1].offset)
+        return events
+
+    async def _ensure_durable(self, newest: int) -> None:
+        """At `full`, hand out no event a power cut could still take back (see LogConnection):
+        a look at the writers' note, and an fsync on the worker only when it does not cover
+        `newest`."""
+        aconn = self._check()
+        if _db.needs_sync(aconn._conn, self._write_lock, newest):
+            await self._in_worker(_db.sync_for_readers, self._write_lock, newest)
 
     def read(
         self,
@@ -527,7 +544,7 @@ class AsyncLog:
                 # Lanes are looked up again with every page, in its transaction: a topic
                 # created since (matching a pattern) then merges in offset order. Looked up
                 # only after an idle wait, its events came after later ones of busy lanes.
-                events = await self.run(_core.read_page_plan(cursor, page, True), "read")
+                events = await self._read_page(cursor, page)
                 for event in events:
                     yield event
                     delivered += 1
@@ -565,7 +582,7 @@ class AsyncLog:
         try:
             cursor = await self.run(_core.open_cursor_plan(topics, after + 1), "read")
             while True:
-                events = await self.run(_core.read_page_plan(cursor, 500, True), "read")
+                events = await self._read_page(cursor, 500)
                 for event in events:
                     if match is None or match(event):
                         return WaitResult("received", event)

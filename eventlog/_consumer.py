@@ -357,6 +357,8 @@ class Consumer:
                 if pending is None and not self._read_here(_groups.has_more_plan(state)):
                     await _wait_any(tick, self._stop, revoked)
                     continue
+                # At `full` this write's fsync, after the transaction that fetched the batch,
+                # puts the batch on disk before any of it is handled.
                 batch = await self.log.run_write(
                     _groups.advance_plan(self.group, state, pending, size)
                 )

@@ -159,7 +159,7 @@ def connect(
     read_only: bool = False,
     check_same_thread: bool = True,
     create: bool = True,
-) -> sqlite3.Connection:
+) -> LogConnection:
     """A connection in autocommit mode: every transaction is explicit and short. With
     create=False a missing file is an error, never a new empty database."""
     if durability not in ("full", "normal"):
@@ -168,29 +168,141 @@ def connect(
         if read_only or not create:
             conn = sqlite3.connect(
                 f"{paths.db.as_uri()}?mode={'ro' if read_only else 'rw'}", uri=True,
-                isolation_level=None,
-                check_same_thread=check_same_thread, cached_statements=256,
+                isolation_level=None, check_same_thread=check_same_thread,
+                cached_statements=256, factory=LogConnection,
             )  # fmt: skip
         else:
             conn = sqlite3.connect(
                 paths.db, isolation_level=None, check_same_thread=check_same_thread,
-                cached_statements=256,
+                cached_statements=256, factory=LogConnection,
             )  # fmt: skip
     except sqlite3.Error as exc:
         raise translate(exc) from exc
+    # At `full` SQLite itself runs at NORMAL and the WAL is fsynced after the write lock is let
+    # go (see LogConnection): with SQLite's FULL the fsync sat inside the lock, and writers
+    # in other processes waited for it in turn.
+    synchronous = "NORMAL" if durability == "full" and not read_only else durability.upper()
     try:
         for pragma in _sql.PRAGMAS:
             if read_only and "journal" in pragma:
                 continue
-            sql = pragma.format(busy_timeout_ms=busy_timeout_ms, synchronous=durability.upper())
+            sql = pragma.format(busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
             if "journal_mode" in sql:
                 _retry_busy(conn, sql, busy_timeout_ms)
             else:
                 conn.execute(sql).fetchall()
+        if durability == "full":
+            conn.execute(_sql.OPEN_WAL).fetchall()  # a fresh file has no WAL before a read
+            conn.open_wal(paths.db, keep_up=not read_only)
     except sqlite3.Error as exc:
         conn.close()
         raise translate(exc) from exc
     return conn
+
+
+class LogConnection(sqlite3.Connection):
+    """Every connection the log opens. At `full` it holds `wal`, a descriptor of its WAL to
+    fsync: the log commits at synchronous=NORMAL under the write lock, lets the lock go, then
+    fsyncs the WAL before the caller hears of the commit (sync_commits). The fsyncs of writers
+    in several processes then overlap instead of queueing behind the lock.
+
+    Committed is then visible before it is durable, for the length of an fsync. Readers at
+    `full` close that gap: they hand out events only up to what a finished fsync covers
+    (ensure_durable), fsyncing themselves when no writer's note says so.
+    """
+
+    wal: WalFile | None = None
+
+    def open_wal(self, db: Path, *, keep_up: bool) -> None:
+        try:
+            self.wal = WalFile(db)
+        except OSError as exc:
+            if keep_up:  # without our own descriptor, SQLite fsyncs inside the commit
+                log.warning("cannot open the WAL of %s to fsync it (%s); using synchronous=FULL",
+                            db, exc)  # fmt: skip
+                self.execute("PRAGMA synchronous = FULL").fetchall()
+
+    def close(self) -> None:
+        wal, self.wal = self.wal, None
+        if wal is not None:
+            wal.close()
+        super().close()
+
+
+class WalFile:
+    """A read-only descriptor of a database's -wal file, only ever fsynced.
+
+    SQLite takes no locks on the -wal file, so this descriptor can open and close freely. The
+    file keeps its inode while the connection that opened it first is open (SQLite deletes it
+    only at the last connection's close, and truncates it in place), so the descriptor is
+    opened once, after that connection has read.
+    """
+
+    def __init__(self, db: Path) -> None:
+        stat = os.stat(db)
+        self.file_id = (stat.st_dev, stat.st_ino)  # names this database in the writers' page
+        self.fd: int | None = os.open(f"{db}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        self.synced_through = 0  # the newest offset this connection knows to be on disk
+        self._pid = os.getpid()
+
+    def sync(self) -> None:
+        if self.fd is None:
+            raise EventlogError("the log is closed")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise translate(exc) from exc
+
+    def close(self) -> None:
+        fd, self.fd = getattr(self, "fd", None), None  # getattr: __init__ may have failed
+        if fd is not None and os.getpid() == self._pid:
+            os.close(fd)
+
+    # A connection dropped without close() (a cancelled open) closes SQLite's own descriptors
+    # when collected, and this one with it.
+    __del__ = close
+
+
+def sync_commits(conn: sqlite3.Connection) -> None:
+    """Make the connection's commits durable, at `full`; call it after the write lock is let
+    go and before the caller hears of the commit."""
+    wal = conn.wal if isinstance(conn, LogConnection) else None
+    if wal is not None:
+        wal.sync()
+
+
+def note_durable(conn: sqlite3.Connection, writers: FileLock | None, offset: int) -> None:
+    """After sync_commits: tell every reader that events up to `offset` are on disk (all
+    earlier commits are in the WAL before this one, so one fsync covers them too)."""
+    wal = conn.wal if isinstance(conn, LogConnection) else None
+    if wal is not None:
+        wal.synced_through = max(wal.synced_through, offset)
+        if isinstance(writers, QueuedLock):
+            writers.note_durable(wal.file_id, offset)
+
+
+def needs_sync(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> bool:
+    """True when a reader at `full` must run sync_for_readers before it hands out events up
+    to `newest`: no finished fsync is known to cover them yet. Cheap (no system call while
+    they are covered); safe on any thread."""
+    wal = conn.wal if isinstance(conn, LogConnection) else None
+    if wal is None or newest <= wal.synced_through:
+        return False
+    if isinstance(writers, QueuedLock):
+        wal.synced_through = max(wal.synced_through, writers.durable_through(wal.file_id))
+    return newest > wal.synced_through
+
+
+def sync_for_readers(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> None:
+    """fsync the WAL, so that events up to `newest` (read already, so in the WAL or in a
+    checkpoint, which fsynced them) are on disk, and say so to the others."""
+    sync_commits(conn)
+    note_durable(conn, writers, newest)
+
+
+def ensure_durable(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> None:
+    if needs_sync(conn, writers, newest):
+        sync_for_readers(conn, writers, newest)
 
 
 def _retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout_ms: int) -> None:
@@ -363,8 +475,18 @@ def drive(
     Writes first take the sidecar write lock: SQLite's busy handler sleeps in coarse steps,
     while a blocked flock wakes the instant the lock is free. Any failure rolls back. With
     wait=False (a connection whose busy_timeout is 0), a taken lock raises WouldBlock and
-    leaves the plan unstarted, to be driven again elsewhere.
+    leaves the plan unstarted, to be driven again elsewhere. A write returns once durable.
     """
+    changes = conn.total_changes
+    result = _drive(conn, plan, mode, write_lock, wait)
+    if mode == "write" and conn.total_changes != changes:
+        sync_commits(conn)
+    return result
+
+
+def _drive(
+    conn: sqlite3.Connection, plan: Plan[T], mode: Mode, write_lock: FileLock | None, wait: bool
+) -> T:
     locked = False
     started = False
     try:
@@ -447,12 +569,14 @@ def append(
     if lone is None:
         plan = _core.append_plan(events, cache, default_partitions)
         try:
-            return drive(conn, plan, "write", write_lock, wait=wait)
+            offsets = drive(conn, plan, "write", write_lock, wait=wait)
         except WouldBlock:
             raise  # nothing ran
         except BaseException:
             cache.forget()  # a rolled-back topic creation must be forgotten
             raise
+        note_durable(conn, write_lock, max(offsets))
+        return offsets
     locked = _take_write_lock(write_lock, wait)
     try:
         offset = int(_start_write(conn, *lone, wait).lastrowid)  # type: ignore[arg-type]
@@ -461,6 +585,8 @@ def append(
     finally:
         if locked and write_lock is not None:
             write_lock.release()
+    sync_commits(conn)
+    note_durable(conn, write_lock, offset)
     topic = events[0].topic
     if _core.fold_due(topic, offset, cache):
         # Its own transaction, after the event committed: a failure here must not look like

@@ -140,10 +140,13 @@ class FileLock:
 
 
 # The queue file, shared by every writer: [0, 8) the next ticket, [8, 16) the ticket after the
-# last one served, [16, 24) the WAL pages committed since the last checkpoint. The OFD lock on
-# byte 0 guards the next ticket; ticket n's holder keeps an OFD lock on byte GATE0 + n from
-# taking the ticket until it lets the lock go.
+# last one served, [16, 24) the WAL pages committed since the last checkpoint, [24, 48) the
+# durable note: the database file (device, inode) and the newest offset a finished fsync
+# covers. The OFD lock on byte 0 guards the next ticket, the one on byte 1 the durable note;
+# ticket n's holder keeps an OFD lock on byte GATE0 + n from taking the ticket until it lets
+# the lock go.
 _NEXT, _SERVED, _PAGES, _GATE0 = 0, 8, 16, 64
+_NOTE_GUARD, _NOTE_DEV, _NOTE_INO, _NOTE_OFFSET = 1, 24, 32, 40
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD)
 _CONFLICT = (errno.EAGAIN, errno.EACCES)
 QUEUE_PATIENCE = 0.05  # a queued writer stops keeping its turn after this (its turn-ahead stalled)
@@ -172,6 +175,7 @@ class QueuedLock(FileLock):
         self._own_pages = 0  # the page tally, where there is no queue file to share it in
         self._queue: int | None = None
         self._shared: mmap.mmap | None = None
+        self._note_reader: int | None = None  # a second description: see durable_through
         self._unordered_until = 0.0  # monotonic time: a stuck guard keeps us out till then
         self._unordered_for = GUARD_BACKOFF
         if hasattr(fcntl, "F_OFD_SETLK"):
@@ -236,7 +240,52 @@ class QueuedLock(FileLock):
             assert self._shared is not None
             self._shared.close()
             os.close(self._queue)
-            self._ticket = self._queue = self._shared = None
+            if self._note_reader is not None:
+                os.close(self._note_reader)
+            self._ticket = self._queue = self._shared = self._note_reader = None
+
+    def note_durable(self, file_id: tuple[int, int], offset: int) -> None:
+        """Note for every reader that the events of database `file_id` up to `offset` are on
+        disk. Skipped when another writer is noting at that instant: a later note covers it,
+        and without one a reader fsyncs for itself."""
+        fd, shared = self._queue, self._shared
+        if fd is None or shared is None or not _ofd_lock(fd, _NOTE_GUARD, fcntl.F_WRLCK):
+            return
+        try:
+            if (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO)) != file_id:
+                # Another database file (the old one was replaced): the offset goes first, so
+                # a writer killed half way leaves a note that claims nothing.
+                struct.pack_into("q", shared, _NOTE_OFFSET, 0)
+                struct.pack_into("qq", shared, _NOTE_DEV, *file_id)
+            if offset > _read(shared, _NOTE_OFFSET):
+                struct.pack_into("q", shared, _NOTE_OFFSET, offset)
+        finally:
+            _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
+
+    def durable_through(self, file_id: tuple[int, int]) -> int:
+        """The newest offset of database `file_id` that writers have noted on disk; 0 when
+        unknown (no note for that file, or a writer noting at that instant)."""
+        shared = self._shared
+        if shared is None:
+            return 0
+        if self._note_reader is None:
+            # Not the writers' description: a read lock taken on it would turn a write lock
+            # that another thread of this process holds on it into a read lock.
+            assert self._queue is not None
+            try:
+                self._note_reader = os.open(
+                    f"/proc/self/fd/{self._queue}", os.O_RDONLY | os.O_CLOEXEC
+                )
+            except OSError:
+                return 0
+        if not _ofd_lock(self._note_reader, _NOTE_GUARD, fcntl.F_RDLCK):
+            return 0
+        try:
+            if (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO)) != file_id:
+                return 0
+            return _read(shared, _NOTE_OFFSET)
+        finally:
+            _ofd_lock(self._note_reader, _NOTE_GUARD, fcntl.F_UNLCK)
 
     def tally_pages(self, pages: int, limit: int) -> bool:
         """Add a commit's WAL pages to the tally all writers keep; True, with the tally started

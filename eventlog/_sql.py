@@ -23,6 +23,8 @@ ROLLBACK = "ROLLBACK"
 DATA_VERSION = "PRAGMA data_version"
 CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
 CHECKPOINT_PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
+# Any read: the first one opens (and on a fresh file creates) the -wal file.
+OPEN_WAL = "SELECT count(*) FROM sqlite_schema"
 # Appenders checkpoint on their own schedule, after the wake-ups and outside the write lock
 # (_db.Checkpointer); SQLite's checkpoint inside a committing statement, which would hold
 # the lock and delay the wake-ups through an fsync, is left as a backstop at 16 MiB.

@@ -270,7 +270,22 @@ class SyncLog:
         return self.run(_core.topics_plan(), "read")
 
     def get(self, offset: int) -> Event | None:
-        return self.run(_core.read_event_plan(offset), "none")
+        event = self.run(_core.read_event_plan(offset), "none")
+        if event is not None:
+            self._ensure_durable(event.offset)
+        return event
+
+    def _read_page(self, cursor: _core.ReadCursor, page: int) -> list[Event]:
+        events = self.run(_core.read_page_plan(cursor, page, True), "read")
+        if events:
+            self._ensure_durable(events[-1].offset)
+        return events
+
+    def _ensure_durable(self, newest: int) -> None:
+        """At `full`, hand out nothing a power cut could still take back (see LogConnection)."""
+        with self._mutex:
+            self._check()
+            _db.ensure_durable(self._conn, self._write_lock, newest)
 
     def read(
         self,
@@ -313,7 +328,7 @@ class SyncLog:
                 # Lanes are looked up again with every page, in its transaction: a topic
                 # created since (matching a pattern) then merges in offset order. Looked up
                 # only after an idle wait, its events came after later ones of busy lanes.
-                events = self.run(_core.read_page_plan(cursor, page, True), "read")
+                events = self._read_page(cursor, page)
                 for event in events:
                     yield event
                     delivered += 1
@@ -350,7 +365,7 @@ class SyncLog:
         try:
             cursor = self.run(_core.open_cursor_plan(topics, after + 1), "read")
             while True:
-                events = self.run(_core.read_page_plan(cursor, 500, True), "read")
+                events = self._read_page(cursor, 500)
                 for event in events:
                     if match is None or match(event):
                         return WaitResult("received", event)

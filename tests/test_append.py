@@ -341,24 +341,6 @@ async def test_topic_created_elsewhere_keeps_its_partition_count(
 # -- durability and files ----------------------------------------------------------------------
 
 
-def synchronous_of(log: Any) -> int:
-    """PRAGMA synchronous on the log's own connection (2 = FULL, 1 = NORMAL)."""
-    if hasattr(log, "sync"):
-        return log.sync._conn.execute("PRAGMA synchronous").fetchone()[0]
-    return log._aconn._conn.execute("PRAGMA synchronous").fetchone()[0]
-
-
-@pytest.mark.parametrize(("durability", "level"), [(None, 2), ("full", 2), ("normal", 1)])
-async def test_durability_sets_synchronous(
-    open_log: Any, durability: str | None, level: int
-) -> None:
-    log = await open_log(**({} if durability is None else {"durability": durability}))
-    if hasattr(log, "sync"):
-        assert await log.call(synchronous_of, log) == level
-    else:
-        assert await log._aconn._execute(synchronous_of, log) == level
-
-
 async def test_database_and_sidecar_are_owner_only(open_log: Any, db_path: Path) -> None:
     old = os.umask(0)  # a permissive umask must not widen anything
     try:

@@ -1,0 +1,196 @@
+"""Guarantee 1 at `full`: the WAL is fsynced after the write lock is let go and before an append
+returns, and a reader at `full` hands out only events that a finished fsync covers (its own,
+or one a writer noted), so no one acts on an event a power cut could still take back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import eventlog
+from eventlog import _db, _locks
+
+from .conftest import append_elsewhere, raw, running, until
+
+
+@dataclass(frozen=True)
+class Fsync:
+    target: str  # the file the descriptor names
+    events: int  # events committed (visible to another connection) when it started
+    write_locked: bool  # whether anyone held the write lock meanwhile
+
+
+class Fsyncs:
+    """os.fdatasync, recording what each call saw before running it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, db: Path) -> None:
+        self.calls: list[Fsync] = []
+        real = os.fdatasync
+        lock = _db.Paths.for_db(db).write_lock
+
+        def fdatasync(fd: int) -> None:
+            with raw(db) as conn:
+                (events,) = conn.execute("SELECT count(*) FROM eventlog_events").fetchone()
+            self.calls.append(Fsync(os.readlink(f"/proc/self/fd/{fd}"), events,
+                                    _locks.is_locked(lock)))  # fmt: skip
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def of_wal(self) -> list[Fsync]:
+        return [c for c in self.calls if c.target.endswith(".db-wal")]
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> Fsyncs:
+    return Fsyncs(monkeypatch, db_path)
+
+
+async def collect(events: Any) -> list[eventlog.Event]:
+    return [event async for event in events]
+
+
+async def test_an_append_at_full_returns_after_an_fsync_of_its_commit_outside_the_lock(
+    log: Any, fsyncs: Fsyncs
+) -> None:
+    await log.create_topic("t")
+    for n in range(1, 4):
+        fsyncs.calls.clear()
+        await log.append("t", {"n": n})
+        # The fsync started once the event was committed, with the write lock let go.
+        assert fsyncs.of_wal() == [Fsync(fsyncs.of_wal()[0].target, n, False)]
+    fsyncs.calls.clear()
+    await log.append_many([eventlog.Draft("t", {"n": n}) for n in range(10)])
+    assert [(c.events, c.write_locked) for c in fsyncs.of_wal()] == [(13, False)]
+
+
+@pytest.mark.parametrize("durability", ["normal"])
+async def test_an_append_at_normal_does_not_fsync(log: Any, fsyncs: Fsyncs) -> None:
+    await log.create_topic("t")
+    for n in range(3):
+        await log.append("t", {"n": n})
+    assert fsyncs.of_wal() == []
+
+
+def sqlite_synchronous(log: Any) -> int:
+    conn = log.sync._conn if hasattr(log, "sync") else log._aconn._conn
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_without_a_descriptor_of_its_own_the_wal_is_fsynced_by_sqlite_in_the_commit(
+    open_log: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(self: _db.WalFile, db: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_db.WalFile, "__init__", refuse)
+    with caplog.at_level(logging.WARNING, logger="eventlog"):
+        log = await open_log()
+    call = log.call if hasattr(log, "sync") else log._aconn._execute
+    assert await call(sqlite_synchronous, log) == 2  # FULL
+    assert "synchronous=FULL" in caplog.text
+
+
+async def test_a_reader_at_full_fsyncs_before_it_hands_out_events_no_writer_noted(
+    open_log: Any, db_path: Path, fsyncs: Fsyncs
+) -> None:
+    # A `normal` writer neither fsyncs nor notes: its events may still be lost to a power cut.
+    writer = await open_log(durability="normal")
+    offsets = [await writer.append("t", {"n": n}) for n in range(5)]
+    reader = await open_log()
+    fsyncs.calls.clear()
+    got = await collect(reader.read("t"))
+    assert [e.offset for e in got] == offsets
+    assert len(fsyncs.of_wal()) == 1
+    # What it made sure of once, it does not fsync again.
+    assert [e.offset for e in await collect(reader.read("t"))] == offsets
+    assert await reader.get(offsets[-1]) is not None
+    assert len(fsyncs.of_wal()) == 1
+
+    offsets.append(await writer.append("t", {"n": 5}))
+    fsyncs.calls.clear()
+    event = await reader.get(offsets[-1])
+    assert event is not None and event.offset == offsets[-1]
+    assert len(fsyncs.of_wal()) == 1
+
+
+async def test_a_reader_at_full_takes_the_word_of_a_writer_in_another_process(
+    open_log: Any, db_path: Path, fsyncs: Fsyncs
+) -> None:
+    reader = await open_log()
+    offsets = append_elsewhere(db_path, [{"topic": "t", "payload": {"n": n}} for n in range(5)])
+    fsyncs.calls.clear()
+    assert [e.offset for e in await collect(reader.read("t"))] == offsets
+    assert fsyncs.of_wal() == []
+
+
+async def test_a_consumer_at_full_handles_only_events_on_disk(
+    db_path: Path, fsyncs: Fsyncs
+) -> None:
+    async with eventlog.open(db_path, durability="normal") as writer:
+        offsets = [await writer.append("t", {"n": n}) for n in range(3)]
+    fsyncs.calls.clear()
+    seen: list[int] = []
+
+    async def handle(event: eventlog.Event) -> None:
+        seen.append(len(fsyncs.of_wal()))
+
+    async with eventlog.open(db_path) as log, running(log.consumer("g", "t", handle)):
+        await until(lambda: len(seen) == len(offsets))
+    assert seen[0] >= 1
+
+
+async def test_the_writers_note_names_its_database_file(open_log: Any, db_path: Path) -> None:
+    """A database file replaced under the same name (a restored backup) starts without a note:
+    the old file's offsets say nothing about the new one."""
+    log = await open_log()
+    offset = await log.append("t", {"n": 0})
+    lock = log.sync._write_lock if hasattr(log, "sync") else log._write_lock
+    stat = os.stat(db_path)
+    assert lock.durable_through((stat.st_dev, stat.st_ino)) == offset
+    assert lock.durable_through((stat.st_dev, stat.st_ino + 1)) == 0
+
+
+def test_the_note_only_grows_and_a_busy_note_claims_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "write.lock"
+    one, two = _locks.QueuedLock(path), _locks.QueuedLock(path)
+    a, b = (1, 10), (1, 11)
+    try:
+        one.note_durable(a, 5)
+        two.note_durable(a, 3)  # a writer whose fsync finished later, for an earlier commit
+        assert one.durable_through(a) == two.durable_through(a) == 5
+        two.note_durable(b, 2)  # another file under the same name
+        assert one.durable_through(b) == 2 and one.durable_through(a) == 0
+
+        # While another writer is noting, a reader does not read half a note, and a second
+        # writer does not wait: it skips its note (a later one covers it).
+        assert _locks._ofd_lock(one._queue, _locks._NOTE_GUARD, _locks.fcntl.F_WRLCK)
+        assert two.durable_through(b) == 0
+        two.note_durable(b, 9)
+        _locks._ofd_lock(one._queue, _locks._NOTE_GUARD, _locks.fcntl.F_UNLCK)
+        assert two.durable_through(b) == 2
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_read_only_connection_still_syncs_for_its_readers(db_path: Path) -> None:
+    with eventlog.open_sync(db_path, durability="normal") as writer:
+        writer.append("t", {"n": 0})
+        conn = _db.connect(_db.Paths.for_db(db_path), durability="full", busy_timeout_ms=1000,
+                           read_only=True)  # fmt: skip
+        try:
+            assert isinstance(conn, _db.LogConnection) and conn.wal is not None
+            assert _db.needs_sync(conn, None, 1)
+            _db.sync_for_readers(conn, None, 1)
+            assert not _db.needs_sync(conn, None, 1)
+            with pytest.raises(sqlite3.OperationalError):
+                conn.execute("DELETE FROM eventlog_events")
+        finally:
+            conn.close()
