@@ -4,6 +4,7 @@ or one a writer noted), so no one acts on an event a power cut could still take 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -194,3 +195,22 @@ def test_a_read_only_connection_still_syncs_for_its_readers(db_path: Path) -> No
                 conn.execute("DELETE FROM eventlog_events")
         finally:
             conn.close()
+
+
+async def test_a_failed_fsync_fails_the_append_and_a_retry_with_its_dedupe_key_is_safe(
+    log: Any, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await log.create_topic("t")
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(eventlog.StorageError, match="Input/output error"):
+        await log.append("t", {"n": 1}, dedupe_key="order-1")
+    monkeypatch.setattr(os, "fdatasync", real)
+    # Committed, not known durable: the caller retries, and gets the first offset back.
+    with raw(db_path) as conn:
+        (stored,) = conn.execute("SELECT id FROM eventlog_events").fetchone()
+    assert await log.append("t", {"n": 1}, dedupe_key="order-1") == stored
