@@ -193,8 +193,9 @@ def showcase(db: Path) -> None:
     consume(db, "billing", "orders", billing, dead)
     with eventlog.open_sync(db) as log:
         _replay.replay(log, "billing", _replay.ResetSpec("shift", -30), None, execute=True)
-        _replay.replay(log, "audit", _replay.ResetSpec("latest"), [("payments.eu", None)],
-                       execute=True)
+        _replay.replay(
+            log, "audit", _replay.ResetSpec("latest"), [("payments.eu", None)], execute=True
+        )
 
 
 def test_login_sets_an_httponly_cookie_and_the_overview_shows_the_log(
