@@ -35,6 +35,12 @@ import eventlog
 TESTS = Path(__file__).parent
 CHILD = TESTS / "procs" / "child.py"
 
+# A shell starts a background job with SIGINT ignored, and children inherit an ignored signal
+# through exec: a suite run with `&` would start every child deaf to the Ctrl-C a test sends.
+# A handled signal is reset to its default in the child instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # -- the sqlite3 oracle -----------------------------------------------------------------------
 
 
