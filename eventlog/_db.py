@@ -475,11 +475,12 @@ def drive(
     Writes first take the sidecar write lock: SQLite's busy handler sleeps in coarse steps,
     while a blocked flock wakes the instant the lock is free. Any failure rolls back. With
     wait=False (a connection whose busy_timeout is 0), a taken lock raises WouldBlock and
-    leaves the plan unstarted, to be driven again elsewhere. A write returns once durable.
+    leaves the plan unstarted, to be driven again elsewhere. A write returns once durable,
+    and so does all it read, even when it changed nothing: a dedupe hit returns the offset of
+    another writer's commit, which that writer may not have fsynced yet.
     """
-    changes = conn.total_changes
     result = _drive(conn, plan, mode, write_lock, wait)
-    if mode == "write" and conn.total_changes != changes:
+    if mode == "write":
         sync_commits(conn)
     return result
 

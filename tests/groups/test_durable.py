@@ -210,7 +210,21 @@ async def test_a_failed_fsync_fails_the_append_and_a_retry_with_its_dedupe_key_i
     with pytest.raises(eventlog.StorageError, match="Input/output error"):
         await log.append("t", {"n": 1}, dedupe_key="order-1")
     monkeypatch.setattr(os, "fdatasync", real)
-    # Committed, not known durable: the caller retries, and gets the first offset back.
+    fsyncs = Fsyncs(monkeypatch, db_path)
+    # Committed, not known durable: the caller retries, and gets the first offset back, once
+    # an fsync of its own covers it (the retry changes nothing, yet what it returns must be
+    # on disk), and with no note claiming more than that.
     with raw(db_path) as conn:
         (stored,) = conn.execute("SELECT id FROM eventlog_events").fetchone()
     assert await log.append("t", {"n": 1}, dedupe_key="order-1") == stored
+    assert [c.events for c in fsyncs.of_wal()] == [1]
+
+
+async def test_a_topic_found_created_is_on_disk_before_create_topic_says_so(
+    log: Any, db_path: Path, fsyncs: Fsyncs
+) -> None:
+    with eventlog.open_sync(db_path, durability="normal") as other:
+        other.create_topic("t", partitions=4)  # committed; a power cut could still take it
+    fsyncs.calls.clear()
+    assert await log.create_topic("t", partitions=4) is False
+    assert len(fsyncs.of_wal()) == 1
