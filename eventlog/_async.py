@@ -33,7 +33,7 @@ import aiosqlite
 from . import _core, _db, _deadletter, _groups, _sql
 from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, TopicCache, TopicInfo
 from ._locks import QueuedLock
-from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts
+from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts, newest_of
 from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, LogClosed, LogForked
 
@@ -489,11 +489,17 @@ class AsyncLog:
             await self._ensure_durable(event.offset)
         return event
 
+    async def run_read(self, plan: Plan[T], newest: Callable[[T], int]) -> T:
+        """Drive a read plan whose result hands out events or offsets, and return it once
+        the newest of them, `newest(result)`, is on disk (at `full`; 0: none)."""
+        result = await self.run(plan, "read")
+        offset = newest(result)
+        if offset > 0:
+            await self._ensure_durable(offset)
+        return result
+
     async def _read_page(self, cursor: _core.ReadCursor, page: int) -> list[Event]:
-        events = await self.run(_core.read_page_plan(cursor, page, True), "read")
-        if events:
-            await self._ensure_durable(events[-1].offset)
-        return events
+        return await self.run_read(_core.read_page_plan(cursor, page, True), newest_of)
 
     async def _ensure_durable(self, newest: int) -> None:
         """At `full`, hand out no event a power cut could still take back (see LogConnection):

@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -74,6 +74,11 @@ class Draft:
         return _core.encode_event(
             self.topic, self.payload, self.key, self.headers, self.dedupe_key, limits
         )
+
+
+def newest_of(events: Sequence[Event]) -> int:
+    """The offset of the last of events in offset order; 0 for none (for run_read)."""
+    return events[-1].offset if events else 0
 
 
 def encode_drafts(drafts: Iterable[Draft], limits: Limits) -> list[EncodedEvent]:
@@ -275,11 +280,17 @@ class SyncLog:
             self._ensure_durable(event.offset)
         return event
 
+    def run_read(self, plan: Plan[T], newest: Callable[[T], int]) -> T:
+        """Drive a read plan whose result hands out events or offsets, and return it once
+        the newest of them, `newest(result)`, is on disk (at `full`; 0: none)."""
+        result = self.run(plan, "read")
+        offset = newest(result)
+        if offset > 0:
+            self._ensure_durable(offset)
+        return result
+
     def _read_page(self, cursor: _core.ReadCursor, page: int) -> list[Event]:
-        events = self.run(_core.read_page_plan(cursor, page, True), "read")
-        if events:
-            self._ensure_durable(events[-1].offset)
-        return events
+        return self.run_read(_core.read_page_plan(cursor, page, True), newest_of)
 
     def _ensure_durable(self, newest: int) -> None:
         """At `full`, hand out nothing a power cut could still take back (see LogConnection)."""

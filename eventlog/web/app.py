@@ -365,7 +365,8 @@ async def browse(request: Request) -> Response:
         _limit(request, 50, 500),
         scan_limit if scan_limit is not None else 10_000,
     )
-    page = await call(state_of(request).log.run, queries.browse_plan(query), "read")
+    page = await call(state_of(request).log.run_read, queries.browse_plan(query),
+                      queries.newest_of_browse)  # fmt: skip
     return JSONResponse({
         "events": page.events, "next_cursor": page.next_cursor, "scanned": page.scanned,
         "scanned_to": page.scanned_to, "scan_limited": page.scan_limited,

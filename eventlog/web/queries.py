@@ -28,6 +28,11 @@ class StreamStart:
     gap_first: int | None  # set when the resume point was pruned: the first offset left
 
 
+def newest_of_start(start: StreamStart) -> int:
+    """What a stream's opening hands out (for run_read): its first `id:`, the resume point."""
+    return start.floor
+
+
 def stream_open_plan(
     patterns: Sequence[str], start: str | int | datetime, resume: int | None
 ) -> Plan[StreamStart]:
@@ -63,6 +68,12 @@ def stream_open_plan(
     else:
         floor = 0  # earliest, or a time: whatever comes later is after it
     return StreamStart(cursor, floor, None)
+
+
+def newest_of_stream_page(page: tuple[list[Event], int | None]) -> int:
+    """What a stream page hands out (for run_read): its events, and the `id:` it may send."""
+    events, through = page
+    return max(events[-1].offset if events else 0, through or 0)
 
 
 def stream_page_plan(
@@ -135,6 +146,11 @@ def _matches(row: Row, key: str | None, needle: str | None) -> bool:
     if needle is None:
         return True
     return any(part is not None and needle in part.casefold() for part in (row[4], row[3], row[5]))
+
+
+def newest_of_browse(page: BrowsePage) -> int:
+    """What a browse page hands out (for run_read): its events, and how far it looked."""
+    return max([int(e["offset"]) for e in page.events] + [page.scanned_to or 0])
 
 
 def browse_plan(q: BrowseQuery) -> Plan[BrowsePage]:

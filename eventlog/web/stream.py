@@ -246,9 +246,9 @@ class StreamEndpoint:
     ) -> None:
         alog = self.hub.alog
         try:
-            opened = await alog.run(
+            opened = await alog.run_read(
                 queries.stream_open_plan(request.patterns, request.start, request.resume),
-                "read",
+                queries.newest_of_start,
             )
         except EventlogError as exc:
             await send_json_error(send, 400 if isinstance(exc, InvalidArgument) else 503,
@@ -281,8 +281,9 @@ class StreamEndpoint:
                 return
             wake.clear()  # before the read: a commit after it sets it again
             try:
-                events, through = await alog.run(
-                    queries.stream_page_plan(cursor, opened.floor, PAGE_EVENTS), "read"
+                events, through = await alog.run_read(
+                    queries.stream_page_plan(cursor, opened.floor, PAGE_EVENTS),
+                    queries.newest_of_stream_page,
                 )
             except EventlogError as exc:
                 # end the response cleanly: the browser reconnects from its last id

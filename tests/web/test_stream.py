@@ -4,6 +4,8 @@ open streams, abandoned and stalled clients, and the stream limit."""
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import socket
 import subprocess
@@ -287,3 +289,27 @@ def test_max_streams_answers_503_with_retry_after(web_db: Path, servers: list[Se
     wait_until(lambda: open_streams(server) == 0)
     with SSE(server, {"topic": "c"}) as three:
         assert three.status == 200
+
+
+def test_pages_and_streams_show_only_events_a_finished_fsync_covers(
+    web_db: Path, servers: list[Server]
+) -> None:
+    """Guarantee 1 in the browser: a writer at `normal` leaves its commits neither fsynced nor
+    noted; the server (at `full`) fsyncs before its browse page or its stream shows them, and
+    tells the other processes so in the writers' note."""
+    server = start_server(web_db)
+    servers.append(server)
+    stat = os.stat(web_db)
+    with eventlog.open_sync(web_db, durability="normal") as writer:
+        lock = writer._write_lock
+        on_disk = functools.partial(lock.durable_through, (stat.st_dev, stat.st_ino))
+        offsets = writer.append_many([Draft("t", {"i": i}) for i in range(3)])
+        assert on_disk() == 0
+        page = server.client().get("/api/v1/topics/t/events").json()
+        assert sorted(e["offset"] for e in page["events"]) == offsets
+        assert on_disk() >= offsets[-1]
+        with SSE(server, {"topic": "t", "after": offsets[-1]}) as stream:
+            stream.next()
+            newer = writer.append("t", {"i": 3})
+            assert stream.events(until=newer)[-1].offset == newer
+            assert on_disk() >= newer
