@@ -111,6 +111,7 @@ class AsyncLog:
             conn = _db.connect(paths, durability=self.durability, busy_timeout_ms=self._busy_ms)
             try:
                 _db.migrate(conn, self._write_lock)
+                _db.forget_stale_note(conn, self._write_lock, paths.db)
             except BaseException:
                 conn.close()
                 raise

@@ -239,8 +239,7 @@ class WalFile:
     """
 
     def __init__(self, db: Path) -> None:
-        stat = os.stat(db)
-        self.file_id = (stat.st_dev, stat.st_ino)  # names this database in the writers' page
+        self.file_id = database_file_id(db)  # names this database in the writers' page
         self.fd: int | None = os.open(f"{db}-wal", os.O_RDONLY | os.O_CLOEXEC)
         self.synced_through = 0  # the newest offset this connection knows to be on disk
         self._pid = os.getpid()
@@ -261,6 +260,21 @@ class WalFile:
     # A connection dropped without close() (a cancelled open) closes SQLite's own descriptors
     # when collected, and this one with it.
     __del__ = close
+
+
+def database_file_id(db: Path) -> tuple[int, int]:
+    stat = os.stat(db)
+    return (stat.st_dev, stat.st_ino)
+
+
+def forget_stale_note(conn: sqlite3.Connection, writers: FileLock | None, db: Path) -> None:
+    """At open, at either durability and before anything here reads: drop a writers' note
+    that claims offsets this database does not hold. The note names the database file by
+    inode, and a file deleted and created again can get the same number; the first open of
+    the new file, at an empty head, forgets what was noted for the old one."""
+    if isinstance(writers, QueuedLock):
+        head = drive(conn, _core.head_plan(), "none")
+        writers.drop_note_beyond(database_file_id(db), head)
 
 
 def sync_commits(conn: sqlite3.Connection) -> None:

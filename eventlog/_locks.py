@@ -262,6 +262,25 @@ class QueuedLock(FileLock):
         finally:
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
 
+    def drop_note_beyond(self, file_id: tuple[int, int], head: int) -> None:
+        """Forget the note if it claims more of database `file_id` than the `head` offset it
+        holds: then it was written for an earlier file that had the same inode number (the
+        database deleted and created again, the queue file kept), and says nothing of this one.
+        """
+        fd, shared = self._queue, self._shared
+        if fd is None or shared is None:
+            return
+        # Waits: a note is held for a few microseconds, and a dead holder's lock goes with it.
+        fcntl.fcntl(
+            fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _NOTE_GUARD, 1, 0)
+        )
+        try:
+            noted_for = (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO))
+            if noted_for == file_id and _read(shared, _NOTE_OFFSET) > head:
+                struct.pack_into("q", shared, _NOTE_OFFSET, 0)
+        finally:
+            _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
+
     def durable_through(self, file_id: tuple[int, int]) -> int:
         """The newest offset of database `file_id` that writers have noted on disk; 0 when
         unknown (no note for that file, or a writer noting at that instant)."""

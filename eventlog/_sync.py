@@ -164,6 +164,7 @@ class SyncLog:
         self._open_handles()
         try:
             _db.migrate(self._conn, self._write_lock)
+            _db.forget_stale_note(self._conn, self._write_lock, self.paths.db)
         except BaseException:
             self._close_handles()
             raise

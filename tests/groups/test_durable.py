@@ -228,3 +228,25 @@ async def test_a_topic_found_created_is_on_disk_before_create_topic_says_so(
     fsyncs.calls.clear()
     assert await log.create_topic("t", partitions=4) is False
     assert len(fsyncs.of_wal()) == 1
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_a_note_left_for_an_earlier_file_with_the_same_inode_is_forgotten_at_open(
+    open_log: Any, db_path: Path, durability: str
+) -> None:
+    """The note names its database by inode number, and a database deleted and created again
+    (its queue file kept) can get the same number: the first open of the new file, at either
+    durability, forgets a note that claims more than the file holds, and keeps a true one."""
+    with eventlog.open_sync(db_path, durability="normal") as log:
+        log.append_many([eventlog.Draft("t", {"n": n}) for n in range(3)])
+    file_id = _db.database_file_id(db_path)
+    writers = _locks.QueuedLock(_db.Paths.for_db(db_path).write_lock)
+    try:
+        writers.note_durable(file_id, 50)  # as the earlier file's writers left it
+        await open_log(durability=durability)
+        assert writers.durable_through(file_id) == 0
+        writers.note_durable(file_id, 3)
+        await open_log(durability=durability)
+        assert writers.durable_through(file_id) == 3
+    finally:
+        writers.close()
