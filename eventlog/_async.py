@@ -280,13 +280,10 @@ class AsyncLog:
             self._finishing = asyncio.create_task(self._checkpoint_passive())
 
     async def _checkpoint_passive(self) -> None:
-        def plan() -> Plan[list[_core.Row]]:
-            return (yield _core.Stmt(_sql.CHECKPOINT_PASSIVE))
-
         if self._closed:
             return  # started only as close() awaited it: closing checkpoints anyway
         try:
-            await self.run(plan(), "none")
+            await self.run(_db.one_statement(_sql.CHECKPOINT_PASSIVE), "none")
         except EventlogError as exc:
             log.warning("background checkpoint failed: %s", exc)
 
@@ -713,13 +710,7 @@ class AsyncLog:
 
     async def checkpoint(self) -> tuple[int, int, int]:
         """Checkpoint the WAL and truncate it; returns (busy, wal pages, checkpointed)."""
-
-        def plan() -> Plan[list[_core.Row]]:
-            rows = yield _core.Stmt(_sql.CHECKPOINT_TRUNCATE)
-            return rows
-
-        busy, pages, done = (await self.run(plan(), "none"))[0]
-        return int(busy), int(pages), int(done)
+        return await self._in_worker(_db.checkpoint_truncate, self._write_lock, self.paths.db)
 
 
 class AsyncWaiter:

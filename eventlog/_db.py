@@ -24,6 +24,7 @@ from .errors import (
     InvalidArgument,
     NotAnEventlogDatabase,
     SchemaTooNew,
+    StorageError,
     UnsupportedFilesystem,
     translate,
 )
@@ -277,12 +278,54 @@ def forget_stale_note(conn: sqlite3.Connection, writers: FileLock | None, db: Pa
         writers.drop_note_beyond(database_file_id(db), head)
 
 
-def sync_commits(conn: sqlite3.Connection) -> None:
+def sync_commits(conn: sqlite3.Connection, writers: FileLock | None) -> None:
     """Make the connection's commits durable, at `full`; call it after the write lock is let
-    go and before the caller hears of the commit."""
+    go and before the caller hears of the commit.
+
+    A failed fsync is told to every process (see check_wal_sound): the kernel reports a
+    failed write-back once per descriptor, so a later fsync may succeed while the failed
+    pages never reached the disk, and every commit after them in the WAL depends on them.
+    """
     wal = conn.wal if isinstance(conn, LogConnection) else None
-    if wal is not None:
+    if wal is None:
+        return
+    try:
         wal.sync()
+    except EventlogError:
+        if isinstance(writers, QueuedLock):
+            writers.mark_wal_failed(wal.file_id)
+        raise
+    check_wal_sound(conn, writers)
+
+
+def check_wal_sound(conn: sqlite3.Connection, writers: FileLock | None) -> None:
+    """Raise StorageError, at `full`, once an fsync of the WAL has failed in any process and
+    no checkpoint has emptied the WAL into the database file since: nothing is written or
+    handed out as durable meanwhile (a cheap look at the writers' page)."""
+    wal = conn.wal if isinstance(conn, LogConnection) else None
+    if wal is not None and isinstance(writers, QueuedLock) and writers.wal_failed(wal.file_id):
+        raise StorageError(
+            "an fsync of the log's WAL failed (in this process or another): what was committed "
+            "since is not known to be on disk",
+            hint="check the disk, then run 'eventlog checkpoint': once it has moved the WAL "
+            "into the database file, appends and reads go on",
+        )
+
+
+def checkpoint_truncate(
+    conn: sqlite3.Connection, writers: FileLock | None, db: Path
+) -> tuple[int, int, int]:
+    """Checkpoint the whole WAL into the database file, fsync it and empty the WAL; returns
+    (busy, WAL pages, checkpointed). Done (busy 0), it also ends a failed fsync's hold (see
+    check_wal_sound): every commit is then in the database file, on disk."""
+    busy, pages, done = drive(conn, one_statement(_sql.CHECKPOINT_TRUNCATE), "none")[0]
+    if busy == 0 and isinstance(writers, QueuedLock):
+        writers.clear_wal_failed(database_file_id(db))
+    return int(busy), int(pages), int(done)
+
+
+def one_statement(sql: str) -> Plan[list[Row]]:
+    return (yield Stmt(sql))
 
 
 def note_durable(conn: sqlite3.Connection, writers: FileLock | None, offset: int) -> None:
@@ -310,7 +353,7 @@ def needs_sync(conn: sqlite3.Connection, writers: FileLock | None, newest: int) 
 def sync_for_readers(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> None:
     """fsync the WAL, so that events up to `newest` (read already, so in the WAL or in a
     checkpoint, which fsynced them) are on disk, and say so to the others."""
-    sync_commits(conn)
+    sync_commits(conn, writers)
     note_durable(conn, writers, newest)
 
 
@@ -493,9 +536,11 @@ def drive(
     and so does all it read, even when it changed nothing: a dedupe hit returns the offset of
     another writer's commit, which that writer may not have fsynced yet.
     """
+    if mode == "write":
+        check_wal_sound(conn, write_lock)
     result = _drive(conn, plan, mode, write_lock, wait)
     if mode == "write":
-        sync_commits(conn)
+        sync_commits(conn, write_lock)
     return result
 
 
@@ -592,6 +637,7 @@ def append(
             raise
         note_durable(conn, write_lock, max(offsets))
         return offsets
+    check_wal_sound(conn, write_lock)
     locked = _take_write_lock(write_lock, wait)
     try:
         offset = int(_start_write(conn, *lone, wait).lastrowid)  # type: ignore[arg-type]
@@ -600,7 +646,7 @@ def append(
     finally:
         if locked and write_lock is not None:
             write_lock.release()
-    sync_commits(conn)
+    sync_commits(conn, write_lock)
     note_durable(conn, write_lock, offset)
     topic = events[0].topic
     if _core.fold_due(topic, offset, cache):

@@ -9,6 +9,7 @@ and the kernel drops it the instant its holder dies. The queue's byte locks are 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -17,7 +18,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("eventlog")
@@ -146,7 +147,7 @@ class FileLock:
 # ticket n's holder keeps an OFD lock on byte GATE0 + n from taking the ticket until it lets
 # the lock go.
 _NEXT, _SERVED, _PAGES, _GATE0 = 0, 8, 16, 64
-_NOTE_GUARD, _NOTE_DEV, _NOTE_INO, _NOTE_OFFSET = 1, 24, 32, 40
+_NOTE_GUARD, _NOTE_DEV, _NOTE_INO, _NOTE_OFFSET, _WAL_FAILED = 1, 24, 32, 40, 48
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD)
 _CONFLICT = (errno.EAGAIN, errno.EACCES)
 QUEUE_PATIENCE = 0.05  # a queued writer stops keeping its turn after this (its turn-ahead stalled)
@@ -252,34 +253,59 @@ class QueuedLock(FileLock):
         if fd is None or shared is None or not _ofd_lock(fd, _NOTE_GUARD, fcntl.F_WRLCK):
             return
         try:
-            if (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO)) != file_id:
-                # Another database file (the old one was replaced): the offset goes first, so
-                # a writer killed half way leaves a note that claims nothing.
-                struct.pack_into("q", shared, _NOTE_OFFSET, 0)
-                struct.pack_into("qq", shared, _NOTE_DEV, *file_id)
+            _name_the_file(shared, file_id)
             if offset > _read(shared, _NOTE_OFFSET):
                 struct.pack_into("q", shared, _NOTE_OFFSET, offset)
         finally:
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
 
-    def drop_note_beyond(self, file_id: tuple[int, int], head: int) -> None:
-        """Forget the note if it claims more of database `file_id` than the `head` offset it
-        holds: then it was written for an earlier file that had the same inode number (the
-        database deleted and created again, the queue file kept), and says nothing of this one.
-        """
+    @contextlib.contextmanager
+    def _note_guarded(self) -> Iterator[mmap.mmap | None]:
+        """The shared page with the note's guard held (waiting for it: a note is held for a
+        few microseconds, and a dead holder's lock goes with it); None without a queue."""
         fd, shared = self._queue, self._shared
         if fd is None or shared is None:
+            yield None
             return
-        # Waits: a note is held for a few microseconds, and a dead holder's lock goes with it.
         fcntl.fcntl(
             fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _NOTE_GUARD, 1, 0)
         )
         try:
-            noted_for = (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO))
-            if noted_for == file_id and _read(shared, _NOTE_OFFSET) > head:
-                struct.pack_into("q", shared, _NOTE_OFFSET, 0)
+            yield shared
         finally:
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
+
+    def drop_note_beyond(self, file_id: tuple[int, int], head: int) -> None:
+        """Forget the note (and a failed fsync) if it claims more of database `file_id` than
+        the `head` offset it holds: then it was written for an earlier file that had the same
+        inode number (the database deleted and created again, the queue file kept), and says
+        nothing of this one."""
+        with self._note_guarded() as shared:
+            if shared is None or not _names(shared, file_id):
+                return
+            if _read(shared, _NOTE_OFFSET) > head:
+                struct.pack_into("qq", shared, _NOTE_OFFSET, 0, 0)
+
+    def mark_wal_failed(self, file_id: tuple[int, int]) -> None:
+        """Tell every process that an fsync of database `file_id`'s WAL failed: until a
+        checkpoint has emptied the WAL into the database file, nothing committed since is
+        known to be on disk (a later fsync that succeeds says nothing of the failed pages)."""
+        with self._note_guarded() as shared:
+            if shared is not None:
+                _name_the_file(shared, file_id)
+                struct.pack_into("q", shared, _WAL_FAILED, 1)
+
+    def clear_wal_failed(self, file_id: tuple[int, int]) -> None:
+        with self._note_guarded() as shared:
+            if shared is not None and _names(shared, file_id):
+                struct.pack_into("q", shared, _WAL_FAILED, 0)
+
+    def wal_failed(self, file_id: tuple[int, int]) -> bool:
+        """Whether an fsync of database `file_id`'s WAL failed and no checkpoint has emptied
+        the WAL since. Unguarded: the flag is one word, and its file's name changes only with
+        the file."""
+        shared = self._shared
+        return shared is not None and _read(shared, _WAL_FAILED) != 0 and _names(shared, file_id)
 
     def durable_through(self, file_id: tuple[int, int]) -> int:
         """The newest offset of database `file_id` that writers have noted on disk; 0 when
@@ -300,7 +326,7 @@ class QueuedLock(FileLock):
         if not _ofd_lock(self._note_reader, _NOTE_GUARD, fcntl.F_RDLCK):
             return 0
         try:
-            if (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO)) != file_id:
+            if not _names(shared, file_id):
                 return 0
             return _read(shared, _NOTE_OFFSET)
         finally:
@@ -401,6 +427,20 @@ def _wait_for(
 
 def _read(shared: mmap.mmap, at: int) -> int:
     return int(struct.unpack_from("q", shared, at)[0])
+
+
+def _names(shared: mmap.mmap, file_id: tuple[int, int]) -> bool:
+    """Whether the note and the failed-fsync flag in the page are about database `file_id`."""
+    return (_read(shared, _NOTE_DEV), _read(shared, _NOTE_INO)) == file_id
+
+
+def _name_the_file(shared: mmap.mmap, file_id: tuple[int, int]) -> None:
+    """Make the page's note about `file_id` (the guard held). For another file (the old one
+    was replaced) the offset and the flag are cleared first, so a writer killed half way
+    leaves a note that claims nothing."""
+    if not _names(shared, file_id):
+        struct.pack_into("qq", shared, _NOTE_OFFSET, 0, 0)
+        struct.pack_into("qq", shared, _NOTE_DEV, *file_id)
 
 
 def _ofd_lock(fd: int, byte: int, kind: int) -> bool:

@@ -213,7 +213,7 @@ class SyncLog:
     def _committed(self, events: int = 1) -> None:
         if self._checkpointer.note_commit(events, self._write_lock):
             try:
-                _db.drive(self._conn, _one(_sql.CHECKPOINT_PASSIVE), "none")
+                _db.drive(self._conn, _db.one_statement(_sql.CHECKPOINT_PASSIVE), "none")
             except EventlogError as exc:
                 log.warning("checkpoint failed: %s", exc)
 
@@ -530,9 +530,9 @@ class SyncLog:
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Checkpoint the WAL and truncate it; returns (busy, wal pages, checkpointed)."""
-        rows = self.run(_one(_sql.CHECKPOINT_TRUNCATE), "none")
-        busy, pages, done = rows[0]
-        return int(busy), int(pages), int(done)
+        with self._mutex:
+            self._check()
+            return _db.checkpoint_truncate(self._conn, self._write_lock, self.paths.db)
 
     def close(self) -> None:
         with self._mutex:
@@ -557,11 +557,6 @@ class SyncLog:
                 self.close()
             warnings.warn(f"eventlog {self.paths.db} was not closed", ResourceWarning,
                           stacklevel=2)  # fmt: skip
-
-
-def _one(sql: str) -> Plan[list[_core.Row]]:
-    rows = yield _core.Stmt(sql)
-    return rows
 
 
 class WaitResult:

@@ -15,7 +15,6 @@ from conftest import dump, integrity, raw
 
 import eventlog
 from eventlog import _db, _sql
-from eventlog._sync import _one
 
 MIGRATIONS = _db.load_migrations()
 
@@ -228,7 +227,7 @@ def test_upgrade_keeps_an_applications_view_and_trigger_on_the_events_table(
     with eventlog.open_sync(db_path) as log:
         offset = log.append("t", "after the upgrade")
         # the runner's connection is back to SQLite's normal rename rules
-        assert log.run(_one("PRAGMA legacy_alter_table"), "none") == [(0,)]
+        assert log.run(_db.one_statement("PRAGMA legacy_alter_table"), "none") == [(0,)]
     assert [v for v, _, _ in recorded(db_path)] == [m.version for m in MIGRATIONS]
     with raw(db_path) as conn:
         assert [r[0] for r in conn.execute("SELECT id FROM app_recent")] == [6, 7, offset]

@@ -159,6 +159,9 @@ def prune(
 def checkpoint(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) -> None:
     """Copy the WAL into the database and truncate it.
 
+    Also how a log goes on after a failed fsync of its WAL (a failing disk): once the whole
+    WAL is in the database file, fsynced, appends and reads at full go on.
+
     \b
     Examples:
       eventlog checkpoint

@@ -8,6 +8,8 @@ import errno
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,9 +199,23 @@ def test_a_read_only_connection_still_syncs_for_its_readers(db_path: Path) -> No
             conn.close()
 
 
-async def test_a_failed_fsync_fails_the_append_and_a_retry_with_its_dedupe_key_is_safe(
+ELSEWHERE = """
+import sys, eventlog
+try:
+    with eventlog.open_sync(sys.argv[1]) as log:
+        print(log.append("t", {"elsewhere": True}))
+except eventlog.StorageError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+async def test_a_failed_fsync_holds_every_process_until_a_checkpoint_moves_the_wal(
     log: Any, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The kernel reports a failed write-back once per descriptor: a later fsync can succeed
+    while the failed pages never reached the disk, and every later commit in the WAL depends
+    on them. So after one failed fsync no process writes or hands out anything as durable
+    until a checkpoint has put the whole WAL into the database file, fsynced."""
     await log.create_topic("t")
     real = os.fdatasync
 
@@ -210,14 +226,29 @@ async def test_a_failed_fsync_fails_the_append_and_a_retry_with_its_dedupe_key_i
     with pytest.raises(eventlog.StorageError, match="Input/output error"):
         await log.append("t", {"n": 1}, dedupe_key="order-1")
     monkeypatch.setattr(os, "fdatasync", real)
-    fsyncs = Fsyncs(monkeypatch, db_path)
-    # Committed, not known durable: the caller retries, and gets the first offset back, once
-    # an fsync of its own covers it (the retry changes nothing, yet what it returns must be
-    # on disk), and with no note claiming more than that.
     with raw(db_path) as conn:
         (stored,) = conn.execute("SELECT id FROM eventlog_events").fetchone()
+
+    held = "fsync of the log's WAL failed"
+    with pytest.raises(eventlog.StorageError, match=held):
+        await log.append("t", {"n": 2})
+    with eventlog.open_sync(db_path) as reader, pytest.raises(eventlog.StorageError, match=held):
+        list(reader.read("t"))
+    elsewhere = subprocess.run([sys.executable, "-c", ELSEWHERE, os.fspath(db_path)],
+                               capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert elsewhere.stdout.startswith("StorageError") and held in elsewhere.stdout
+    with raw(db_path) as conn:  # nothing was written meanwhile
+        assert conn.execute("SELECT count(*) FROM eventlog_events").fetchone() == (1,)
+
+    busy, _, _ = await log.checkpoint()
+    assert busy == 0 and os.path.getsize(f"{db_path}-wal") == 0
+    fsyncs = Fsyncs(monkeypatch, db_path)
+    # The event whose fsync failed is in the database file now: a retry with its dedupe key
+    # gets its offset back, and appends and reads go on.
     assert await log.append("t", {"n": 1}, dedupe_key="order-1") == stored
-    assert [c.events for c in fsyncs.of_wal()] == [1]
+    assert len(fsyncs.of_wal()) == 1
+    assert [e.offset for e in await collect(log.read("t"))] == [stored]
+    assert await log.append("t", {"n": 2}) > stored
 
 
 async def test_a_topic_found_created_is_on_disk_before_create_topic_says_so(
@@ -242,11 +273,14 @@ async def test_a_note_left_for_an_earlier_file_with_the_same_inode_is_forgotten_
     file_id = _db.database_file_id(db_path)
     writers = _locks.QueuedLock(_db.Paths.for_db(db_path).write_lock)
     try:
-        writers.note_durable(file_id, 50)  # as the earlier file's writers left it
+        writers.note_durable(file_id, 50)  # as the earlier file's writers left it,
+        writers.mark_wal_failed(file_id)  # a failed fsync of its WAL included
         await open_log(durability=durability)
-        assert writers.durable_through(file_id) == 0
+        assert writers.durable_through(file_id) == 0 and not writers.wal_failed(file_id)
         writers.note_durable(file_id, 3)
+        writers.mark_wal_failed(file_id)  # this file's own: it holds until a checkpoint
         await open_log(durability=durability)
-        assert writers.durable_through(file_id) == 3
+        assert writers.durable_through(file_id) == 3 and writers.wal_failed(file_id)
+        writers.clear_wal_failed(file_id)
     finally:
         writers.close()
