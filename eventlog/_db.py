@@ -291,7 +291,7 @@ def sync_commits(conn: sqlite3.Connection, writers: FileLock | None) -> None:
         return
     try:
         wal.sync()
-    except EventlogError:
+    except StorageError:  # the fsync itself failed (not: the log was closed meanwhile)
         if isinstance(writers, QueuedLock):
             writers.mark_wal_failed(wal.file_id)
         raise
