@@ -286,6 +286,7 @@ class AsyncLog:
             await self.run(_db.one_statement(_sql.CHECKPOINT_PASSIVE), "none")
         except EventlogError as exc:
             log.warning("background checkpoint failed: %s", exc)
+            _db.mark_io_error(exc, self._write_lock, self.paths.db)
 
     def _append(self, encoded: Sequence[EncodedEvent]) -> Awaitable[list[int]]:
         self._check()

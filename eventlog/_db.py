@@ -193,6 +193,7 @@ def connect(
             else:
                 conn.execute(sql).fetchall()
         if durability == "full":
+            conn.file_id = database_file_id(paths.db)
             conn.execute(_sql.OPEN_WAL).fetchall()  # a fresh file has no WAL before a read
             conn.open_wal(paths.db, keep_up=not read_only)
     except sqlite3.Error as exc:
@@ -213,6 +214,7 @@ class LogConnection(sqlite3.Connection):
     """
 
     wal: WalFile | None = None
+    file_id: tuple[int, int] | None = None  # at `full`: names the database for the writers
 
     def open_wal(self, db: Path, *, keep_up: bool) -> None:
         try:
@@ -301,9 +303,10 @@ def sync_commits(conn: sqlite3.Connection, writers: FileLock | None) -> None:
 def check_wal_sound(conn: sqlite3.Connection, writers: FileLock | None) -> None:
     """Raise StorageError, at `full`, once an fsync of the WAL has failed in any process and
     no checkpoint has emptied the WAL into the database file since: nothing is written or
-    handed out as durable meanwhile (a cheap look at the writers' page)."""
-    wal = conn.wal if isinstance(conn, LogConnection) else None
-    if wal is not None and isinstance(writers, QueuedLock) and writers.wal_failed(wal.file_id):
+    fsynced as durable meanwhile (a cheap look at the writers' page). Also where SQLite
+    fsyncs itself (no descriptor of our own): its commits would follow the failed pages."""
+    file_id = conn.file_id if isinstance(conn, LogConnection) else None
+    if file_id is not None and isinstance(writers, QueuedLock) and writers.wal_failures(file_id):
         raise StorageError(
             "an fsync of the log's WAL failed (in this process or another): what was committed "
             "since is not known to be on disk",
@@ -318,10 +321,27 @@ def checkpoint_truncate(
     """Checkpoint the whole WAL into the database file, fsync it and empty the WAL; returns
     (busy, WAL pages, checkpointed). Done (busy 0), it also ends a failed fsync's hold (see
     check_wal_sound): every commit is then in the database file, on disk."""
-    busy, pages, done = drive(conn, one_statement(_sql.CHECKPOINT_TRUNCATE), "none")[0]
-    if busy == 0 and isinstance(writers, QueuedLock):
-        writers.clear_wal_failed(database_file_id(db))
+    file_id = database_file_id(db)
+    seen = writers.wal_failures(file_id) if isinstance(writers, QueuedLock) else 0
+    try:
+        busy, pages, done = drive(conn, one_statement(_sql.CHECKPOINT_TRUNCATE), "none")[0]
+    except EventlogError as exc:
+        mark_io_error(exc, writers, db)
+        raise
+    if busy == 0 and seen and isinstance(writers, QueuedLock):
+        writers.clear_wal_failed(file_id, seen)
     return int(busy), int(pages), int(done)
+
+
+def mark_io_error(exc: BaseException, writers: FileLock | None, db: Path) -> None:
+    """Mark an I/O error that SQLite reports (its checkpoints fsync the WAL and the database
+    file through descriptors of its own) as a failed fsync of ours (see sync_commits): once
+    its descriptor has reported the error, a later fsync through another would not."""
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    code = getattr(cause, "sqlite_errorcode", 0) if isinstance(cause, sqlite3.Error) else 0
+    if code & 0xFF == sqlite3.SQLITE_IOERR and isinstance(writers, QueuedLock):
+        log.error("SQLite reported an I/O error on %s: %s", db, cause)
+        writers.mark_wal_failed(database_file_id(db))
 
 
 def one_statement(sql: str) -> Plan[list[Row]]:
@@ -419,6 +439,7 @@ class Checkpointer:
         self._due = threading.Event()  # the thread has a bulk checkpoint to run
         self._bulk_done = threading.Event()  # it ran one: the appender finishes it
         self._closing = False
+        self._writers: QueuedLock | None = None
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None  # the thread's, opened there
         self._in_sqlite = threading.Lock()  # held by the thread while it is inside SQLite
@@ -433,6 +454,7 @@ class Checkpointer:
         """Count a commit's WAL pages on the tally all writers share, starting a bulk checkpoint
         when they reach CHECKPOINT_PAGES; True when the caller should now run
         CHECKPOINT_PASSIVE itself."""
+        self._writers = writers  # for the thread, to mark an I/O error for every process
         finish = self._bulk_done.is_set()
         if finish:
             self._bulk_done.clear()
@@ -470,6 +492,7 @@ class Checkpointer:
                     self._conn.execute(_sql.CHECKPOINT_PASSIVE).fetchall()
                 except (sqlite3.Error, EventlogError) as exc:
                     log.warning("background checkpoint failed: %s", exc)
+                    mark_io_error(exc, self._writers, self._paths.db)
                     continue
             self._bulk_done.set()
 

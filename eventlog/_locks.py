@@ -276,36 +276,44 @@ class QueuedLock(FileLock):
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
 
     def drop_note_beyond(self, file_id: tuple[int, int], head: int) -> None:
-        """Forget the note (and a failed fsync) if it claims more of database `file_id` than
-        the `head` offset it holds: then it was written for an earlier file that had the same
-        inode number (the database deleted and created again, the queue file kept), and says
-        nothing of this one."""
+        """Forget the note if it claims more of database `file_id` than the `head` offset it
+        holds: then it was written for an earlier file that had the same inode number (the
+        database deleted and created again, the queue file kept), and says nothing of this one.
+        A failed fsync stays marked: the head was read before the guard was taken, and a stale
+        mark costs one checkpoint, a lost one an acknowledged event."""
         with self._note_guarded() as shared:
             if shared is None or not _names(shared, file_id):
                 return
             if _read(shared, _NOTE_OFFSET) > head:
-                struct.pack_into("qq", shared, _NOTE_OFFSET, 0, 0)
+                struct.pack_into("q", shared, _NOTE_OFFSET, 0)
 
     def mark_wal_failed(self, file_id: tuple[int, int]) -> None:
         """Tell every process that an fsync of database `file_id`'s WAL failed: until a
         checkpoint has emptied the WAL into the database file, nothing committed since is
-        known to be on disk (a later fsync that succeeds says nothing of the failed pages)."""
+        known to be on disk (a later fsync that succeeds says nothing of the failed pages).
+        The mark counts failures, so that a checkpoint clears only those it saw."""
         with self._note_guarded() as shared:
             if shared is not None:
                 _name_the_file(shared, file_id)
-                struct.pack_into("q", shared, _WAL_FAILED, 1)
+                struct.pack_into("q", shared, _WAL_FAILED, _read(shared, _WAL_FAILED) + 1)
 
-    def clear_wal_failed(self, file_id: tuple[int, int]) -> None:
-        with self._note_guarded() as shared:
-            if shared is not None and _names(shared, file_id):
-                struct.pack_into("q", shared, _WAL_FAILED, 0)
-
-    def wal_failed(self, file_id: tuple[int, int]) -> bool:
-        """Whether an fsync of database `file_id`'s WAL failed and no checkpoint has emptied
-        the WAL since. Unguarded: the flag is one word, and its file's name changes only with
-        the file."""
+    def wal_failures(self, file_id: tuple[int, int]) -> int:
+        """How many failed fsyncs of database `file_id`'s WAL are marked and not yet cleared by
+        a checkpoint (0: none). Unguarded: the count is one word, and the name of its file
+        changes only with the file."""
         shared = self._shared
-        return shared is not None and _read(shared, _WAL_FAILED) != 0 and _names(shared, file_id)
+        if shared is None or not _names(shared, file_id):
+            return 0
+        return _read(shared, _WAL_FAILED)
+
+    def clear_wal_failed(self, file_id: tuple[int, int], seen: int) -> None:
+        """Clear the failures a checkpoint started after: `seen` is the count read before it
+        began (a failure marked meanwhile stays)."""
+        with self._note_guarded() as shared:
+            if shared is None or not _names(shared, file_id):
+                return
+            if _read(shared, _WAL_FAILED) == seen:
+                struct.pack_into("q", shared, _WAL_FAILED, 0)
 
     def durable_through(self, file_id: tuple[int, int]) -> int:
         """The newest offset of database `file_id` that writers have noted on disk; 0 when

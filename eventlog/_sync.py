@@ -216,6 +216,7 @@ class SyncLog:
                 _db.drive(self._conn, _db.one_statement(_sql.CHECKPOINT_PASSIVE), "none")
             except EventlogError as exc:
                 log.warning("checkpoint failed: %s", exc)
+                _db.mark_io_error(exc, self._write_lock, self.paths.db)
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ import pytest
 from typer.testing import CliRunner
 
 import eventlog
-from eventlog import _deadletter, _members, _stats, _times
+from eventlog import _db, _deadletter, _members, _stats, _times
 from eventlog._db import Paths, load_migrations
+from eventlog._locks import QueuedLock
 from eventlog.cli import app
 
 runner = CliRunner()
@@ -827,6 +828,29 @@ def test_checkpoint(filled: Path) -> None:
                         "wal_bytes_after"}  # fmt: skip
     assert row["busy"] is False and row["wal_bytes_after"] == 0
     assert "WAL pages" in ok(filled, "checkpoint").out
+
+
+def test_checkpoint_ends_a_failed_fsyncs_hold_even_with_a_migration_to_apply(
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync of the WAL a log at full refuses every write, a migration's too;
+    `checkpoint` is the way on, so it opens the log where it can still migrate."""
+    file_id = _db.database_file_id(filled)
+    writers = QueuedLock(_db.Paths.for_db(filled).write_lock)
+    try:
+        writers.mark_wal_failed(file_id)
+        upgrade = _db.Migration(LATEST_SCHEMA + 1, f"{LATEST_SCHEMA + 1:04d}_later",
+                                "CREATE TABLE eventlog_later (x INTEGER);")  # fmt: skip
+        monkeypatch.setattr(_db, "load_migrations", lambda: [*load_migrations(), upgrade])
+        with pytest.raises(eventlog.StorageError, match="fsync of the log's WAL failed"):
+            eventlog.open_sync(filled)
+        assert writers.wal_failures(file_id) == 1
+        (row,) = ok(filled, "--json", "checkpoint").rows()
+        assert row["busy"] is False and writers.wal_failures(file_id) == 0
+    finally:
+        writers.close()
+    with eventlog.open_sync(filled) as log:
+        log.append("orders", {"after": "the checkpoint"})
 
 
 def test_backup(filled: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import _sync
+from .._db import Durability
 from ..errors import EventlogError, InvalidArgument
 
 DEFAULT_DB = "eventlog.db"
@@ -121,9 +122,11 @@ def _settings(ctx: Any, db: Path | None = None, json_: bool = False) -> Settings
     return settings
 
 
-def _open(settings: Settings, *, create: bool = False) -> _sync.SyncLog:
+def _open(
+    settings: Settings, *, create: bool = False, durability: Durability = "full"
+) -> _sync.SyncLog:
     """Open the log; only `init` may create the file."""
-    return _sync.SyncLog(settings.path, create=create)
+    return _sync.SyncLog(settings.path, create=create, durability=durability)
 
 
 def _parse(what: str, parse: Callable[[str], Any], text: str) -> Any:

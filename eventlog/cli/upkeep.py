@@ -167,7 +167,10 @@ def checkpoint(ctx: typer.Context, db: DbOption = None, json_: JsonOption = Fals
       eventlog checkpoint
     """
     s = _settings(ctx, db, json_)
-    with _open(s) as log:
+    # Opened at normal: after a failed fsync, a log at full refuses every write until a
+    # checkpoint, and opening one may have a migration to write. The checkpoint itself
+    # fsyncs the database file either way.
+    with _open(s, durability="normal") as log:
         before = _stats.file_sizes(log.paths)["wal"]
         busy, pages, done = log.checkpoint()
         after = _stats.file_sizes(log.paths)["wal"]

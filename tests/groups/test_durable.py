@@ -273,14 +273,75 @@ async def test_a_note_left_for_an_earlier_file_with_the_same_inode_is_forgotten_
     file_id = _db.database_file_id(db_path)
     writers = _locks.QueuedLock(_db.Paths.for_db(db_path).write_lock)
     try:
-        writers.note_durable(file_id, 50)  # as the earlier file's writers left it,
-        writers.mark_wal_failed(file_id)  # a failed fsync of its WAL included
+        writers.note_durable(file_id, 50)  # as the earlier file's writers left it
         await open_log(durability=durability)
-        assert writers.durable_through(file_id) == 0 and not writers.wal_failed(file_id)
+        assert writers.durable_through(file_id) == 0
         writers.note_durable(file_id, 3)
-        writers.mark_wal_failed(file_id)  # this file's own: it holds until a checkpoint
         await open_log(durability=durability)
-        assert writers.durable_through(file_id) == 3 and writers.wal_failed(file_id)
-        writers.clear_wal_failed(file_id)
+        assert writers.durable_through(file_id) == 3
     finally:
         writers.close()
+
+
+def test_failed_fsyncs_are_counted_and_a_checkpoint_clears_only_those_it_saw(
+    tmp_path: Path,
+) -> None:
+    """A failure marked while a checkpoint runs is not cleared by it; an open that forgets a
+    stale note leaves a failure marked (the head it compared was read before the guard)."""
+    writers = _locks.QueuedLock(tmp_path / "write.lock")
+    try:
+        writers.mark_wal_failed((1, 2))
+        seen = writers.wal_failures((1, 2))
+        writers.mark_wal_failed((1, 2))  # during the checkpoint
+        writers.clear_wal_failed((1, 2), seen)
+        assert writers.wal_failures((1, 2)) == 2
+        writers.drop_note_beyond((1, 2), 0)
+        assert writers.wal_failures((1, 2)) == 2 and writers.wal_failures((1, 3)) == 0
+        writers.clear_wal_failed((1, 2), 2)
+        assert writers.wal_failures((1, 2)) == 0
+    finally:
+        writers.close()
+
+
+async def test_a_log_whose_wal_sqlite_fsyncs_itself_is_held_too(
+    open_log: Any, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a descriptor of its own (SQLite's FULL fsyncs in the commit), a log still
+    refuses once another process's fsync failed: its commits would follow the failed pages."""
+    log = await open_log()
+    await log.append("t", {"n": 0})
+    writers = _locks.QueuedLock(_db.Paths.for_db(db_path).write_lock)
+    try:
+        writers.mark_wal_failed(_db.database_file_id(db_path))
+
+        def refuse(self: _db.WalFile, db: Path) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(_db.WalFile, "__init__", refuse)
+        fallback = await open_log()
+        with pytest.raises(eventlog.StorageError, match="fsync of the log's WAL failed"):
+            await fallback.append("t", {"n": 1})
+        assert (await log.checkpoint())[0] == 0
+        assert await fallback.append("t", {"n": 1}) == 2
+    finally:
+        writers.close()
+
+
+def test_an_io_error_sqlite_reports_in_a_checkpoint_holds_the_log_too(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's checkpoints fsync through descriptors of its own; once one of them reported a
+    failed write-back, ours would not: an I/O error from a checkpoint is marked like ours."""
+    with eventlog.open_sync(db_path) as log:
+        log.append("t", {"n": 0})
+        error = sqlite3.OperationalError("disk I/O error")
+        error.sqlite_errorcode = sqlite3.SQLITE_IOERR_FSYNC  # type: ignore[attr-defined]
+        try:
+            raise eventlog.StorageError("SQLite failed: disk I/O error") from error
+        except eventlog.StorageError as exc:
+            _db.mark_io_error(exc, log._write_lock, db_path)
+        with pytest.raises(eventlog.StorageError, match="fsync of the log's WAL failed"):
+            log.append("t", {"n": 1})
+        _db.mark_io_error(eventlog.StorageError("busy"), log._write_lock, db_path)  # no I/O error
+        assert log.checkpoint()[0] == 0
+        assert log.append("t", {"n": 1}) == 2
