@@ -260,18 +260,20 @@ class QueuedLock(FileLock):
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
 
     @contextlib.contextmanager
-    def _note_guarded(self) -> Iterator[mmap.mmap | None]:
-        """The shared page with the note's guard held (waiting for it: a note is held for a
-        few microseconds, and a dead holder's lock goes with it); None without a queue."""
+    def _note_guarded(self) -> Iterator[tuple[mmap.mmap | None, bool]]:
+        """The shared page (None without a queue), and whether the note's guard is held. A
+        note is held for microseconds and a dead holder's lock goes with it, but one stopped
+        in it must not hang the others: after QUEUE_PATIENCE the page comes unguarded."""
         fd, shared = self._queue, self._shared
         if fd is None or shared is None:
-            yield None
+            yield None, False
             return
-        fcntl.fcntl(
-            fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _NOTE_GUARD, 1, 0)
-        )
+        if not _wait_for(lambda: _ofd_lock(fd, _NOTE_GUARD, fcntl.F_WRLCK), QUEUE_PATIENCE):
+            log.warning("%s: the writers' note stayed guarded; going on without", self.path)
+            yield shared, False
+            return
         try:
-            yield shared
+            yield shared, True
         finally:
             _ofd_lock(fd, _NOTE_GUARD, fcntl.F_UNLCK)
 
@@ -281,10 +283,11 @@ class QueuedLock(FileLock):
         database deleted and created again, the queue file kept), and says nothing of this one.
         A failed fsync stays marked: the head was read before the guard was taken, and a stale
         mark costs one checkpoint, a lost one an acknowledged event."""
-        with self._note_guarded() as shared:
+        with self._note_guarded() as (shared, _guarded):
             if shared is None or not _names(shared, file_id):
                 return
             if _read(shared, _NOTE_OFFSET) > head:
+                # Unguarded too: a note that claims less is always safe.
                 struct.pack_into("q", shared, _NOTE_OFFSET, 0)
 
     def mark_wal_failed(self, file_id: tuple[int, int]) -> None:
@@ -292,8 +295,8 @@ class QueuedLock(FileLock):
         checkpoint has emptied the WAL into the database file, nothing committed since is
         known to be on disk (a later fsync that succeeds says nothing of the failed pages).
         The mark counts failures, so that a checkpoint clears only those it saw."""
-        with self._note_guarded() as shared:
-            if shared is not None:
+        with self._note_guarded() as (shared, _guarded):
+            if shared is not None:  # unguarded too: a mark must not be lost
                 _name_the_file(shared, file_id)
                 struct.pack_into("q", shared, _WAL_FAILED, _read(shared, _WAL_FAILED) + 1)
 
@@ -309,9 +312,9 @@ class QueuedLock(FileLock):
     def clear_wal_failed(self, file_id: tuple[int, int], seen: int) -> None:
         """Clear the failures a checkpoint started after: `seen` is the count read before it
         began (a failure marked meanwhile stays)."""
-        with self._note_guarded() as shared:
-            if shared is None or not _names(shared, file_id):
-                return
+        with self._note_guarded() as (shared, guarded):
+            if not guarded or shared is None or not _names(shared, file_id):
+                return  # unguarded, a mark made meanwhile could be lost: the next one clears
             if _read(shared, _WAL_FAILED) == seen:
                 struct.pack_into("q", shared, _WAL_FAILED, 0)
 

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,3 +346,25 @@ def test_an_io_error_sqlite_reports_in_a_checkpoint_holds_the_log_too(
         _db.mark_io_error(eventlog.StorageError("busy"), log._write_lock, db_path)  # no I/O error
         assert log.checkpoint()[0] == 0
         assert log.append("t", {"n": 1}) == 2
+
+
+def test_a_writer_stopped_holding_the_notes_guard_holds_no_one_up(tmp_path: Path) -> None:
+    """The guard is held for microseconds, but a holder stopped in it (SIGSTOP) must not hang
+    the others: a failed fsync is still marked, a checkpoint leaves the mark (it could lose
+    one made meanwhile), and neither waits longer than QUEUE_PATIENCE."""
+    path = tmp_path / "write.lock"
+    stopped, other = _locks.QueuedLock(path), _locks.QueuedLock(path)
+    try:
+        assert _locks._ofd_lock(stopped._queue, _locks._NOTE_GUARD, _locks.fcntl.F_WRLCK)
+        started = time.monotonic()
+        other.mark_wal_failed((1, 2))
+        other.clear_wal_failed((1, 2), 1)
+        other.drop_note_beyond((1, 2), 0)
+        assert time.monotonic() - started < 10 * _locks.QUEUE_PATIENCE + 1
+        assert other.wal_failures((1, 2)) == 1
+        _locks._ofd_lock(stopped._queue, _locks._NOTE_GUARD, _locks.fcntl.F_UNLCK)
+        other.clear_wal_failed((1, 2), 1)
+        assert other.wal_failures((1, 2)) == 0
+    finally:
+        stopped.close()
+        other.close()
