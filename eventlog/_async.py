@@ -476,11 +476,15 @@ class AsyncLog:
     # -- reading ------------------------------------------------------------------------------
 
     async def head(self) -> int:
-        """The largest offset ever handed out (0 for a fresh log)."""
-        return await self.run(_core.head_plan(), "none")
+        """The largest offset ever handed out (0 for a fresh log); at `full`, once on disk."""
+        head = await self.run(_core.head_plan(), "none")
+        if head > 0:
+            await self._ensure_durable(head)
+        return head
 
     async def topics(self) -> list[TopicInfo]:
-        return await self.run(_core.topics_plan(), "read")
+        """Every topic with its event count and offsets; at `full`, once those are on disk."""
+        return await self.run_read(_core.topics_plan(), _core.newest_topic_offset)
 
     async def get(self, offset: int) -> Event | None:
         event = await self.run(_core.read_event_plan(offset), "none")

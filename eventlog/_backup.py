@@ -41,7 +41,8 @@ def backup(
     transaction held for the whole copy: a snapshot, so concurrent commits neither restart
     the copy nor appear half in it (they land in the WAL meanwhile). The copy is written to a
     temporary file and renamed into place. The dead-letter file is copied beside it, under its
-    lock.
+    lock. Every event in the copy is on disk in the source too (its WAL is fsynced once the
+    snapshot is taken).
     """
     target = _db.Paths.for_db(dest)
     if target.db == paths.db:
@@ -71,6 +72,9 @@ def backup(
 
             source.execute(_sql.BEGIN_READ)
             source.execute(_sql.BACKUP_SNAPSHOT).fetchall()
+            # The snapshot may end in commits whose writers have not fsynced yet (or never
+            # will, at `normal`): the copy must not hold events the source can still lose.
+            _db.sync_commits(source, None)
             source.backup(copy, pages=pages_per_step, progress=step, sleep=0)
             source.execute(_sql.COMMIT)
         finally:

@@ -709,6 +709,11 @@ class TopicInfo:
     last_append_ms: int | None
 
 
+def newest_topic_offset(topics: list[TopicInfo]) -> int:
+    """The newest offset a topics_plan result names (for run_read); 0 for none."""
+    return max((t.last_offset or 0 for t in topics), default=0)
+
+
 def topics_plan() -> Plan[list[TopicInfo]]:
     """Every topic with its event count (counter plus a short tail) and its first and last
     offsets (one index probe per partition): never a scan of the log."""

@@ -270,11 +270,15 @@ class SyncLog:
     # -- reading ------------------------------------------------------------------------------
 
     def head(self) -> int:
-        """The largest offset ever handed out (0 for a fresh log)."""
-        return self.run(_core.head_plan(), "none")
+        """The largest offset ever handed out (0 for a fresh log); at `full`, once on disk."""
+        head = self.run(_core.head_plan(), "none")
+        if head > 0:
+            self._ensure_durable(head)
+        return head
 
     def topics(self) -> list[TopicInfo]:
-        return self.run(_core.topics_plan(), "read")
+        """Every topic with its event count and offsets; at `full`, once those are on disk."""
+        return self.run_read(_core.topics_plan(), _core.newest_topic_offset)
 
     def get(self, offset: int) -> Event | None:
         event = self.run(_core.read_event_plan(offset), "none")

@@ -262,6 +262,46 @@ async def test_a_topic_found_created_is_on_disk_before_create_topic_says_so(
     assert len(fsyncs.of_wal()) == 1
 
 
+@pytest.mark.parametrize("ask", ["head", "topics"])
+async def test_head_and_topics_at_full_name_only_offsets_on_disk(
+    open_log: Any, fsyncs: Fsyncs, ask: str
+) -> None:
+    """wait_for and consumers starting at `latest` take the head as the point after which
+    they look: an offset a power cut could still take back would be given out again."""
+    writer = await open_log(durability="normal")
+    offsets = [await writer.append("t", {"n": n}) for n in range(3)]
+    reader = await open_log()
+
+    async def newest() -> int:
+        if ask == "head":
+            return int(await reader.head())
+        (topic,) = await reader.topics()
+        return int(topic.last_offset)
+
+    fsyncs.calls.clear()
+    assert await newest() == offsets[-1]
+    assert [c.events for c in fsyncs.of_wal()] == [3]
+    assert await newest() == offsets[-1]
+    assert len(fsyncs.of_wal()) == 1  # what it made sure of once, it does not fsync again
+
+
+def test_a_backup_holds_only_events_on_disk_in_its_source(
+    db_path: Path, tmp_path: Path, fsyncs: Fsyncs
+) -> None:
+    from eventlog import _backup
+
+    writer = eventlog.open_sync(db_path, durability="normal")
+    try:
+        writer.append_many([eventlog.Draft("t", {"n": n}) for n in range(5)])
+        fsyncs.calls.clear()
+        _backup.backup(_db.Paths.for_db(db_path), tmp_path / "copy.db")
+        assert [c.events for c in fsyncs.of_wal()] == [5]
+    finally:
+        writer.close()
+    with eventlog.open_sync(tmp_path / "copy.db") as copy:
+        assert copy.head() == 5
+
+
 @pytest.mark.parametrize("durability", ["normal", "full"])
 async def test_a_note_left_for_an_earlier_file_with_the_same_inode_is_forgotten_at_open(
     open_log: Any, db_path: Path, durability: str
