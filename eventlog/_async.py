@@ -33,7 +33,15 @@ import aiosqlite
 from . import _core, _db, _deadletter, _groups, _sql
 from ._core import DEFAULT_LIMITS, EncodedEvent, Event, Limits, Mode, Plan, TopicCache, TopicInfo
 from ._locks import QueuedLock
-from ._sync import FALLBACK_POLL_S, DatabaseWatch, Draft, WaitResult, encode_drafts, newest_of
+from ._sync import (
+    FALLBACK_POLL_S,
+    DatabaseWatch,
+    Draft,
+    WaitResult,
+    encode_drafts,
+    newest_of,
+    redeliveries,
+)
 from ._wake import WakeListener, WakeSender
 from .errors import EventlogError, LogClosed, LogForked
 
@@ -680,14 +688,17 @@ class AsyncLog:
         )
         if dry_run or not chosen:
             return chosen
-        await self.run(
-            _groups.request_redelivery_plan([(e.group, e.offset, e.id) for e in chosen]), "write"
+        marks = await asyncio.to_thread(
+            _deadletter.prepare_requeue_marks, file, {e.id for e in chosen}, _core.now_ms()
         )
-        await asyncio.to_thread(
-            _deadletter.mark_requeued, file, {e.id for e in chosen}, _core.now_ms()
-        )
+        with marks:
+            if marks.changed:  # under the file's lock: what another requeue did not take
+                await self.run(
+                    _groups.request_redelivery_plan(redeliveries(marks.changed)), "write"
+                )
+            await asyncio.to_thread(marks.commit)
         self.notify()
-        return chosen
+        return marks.changed
 
     async def purge_dead_letters(
         self,

@@ -45,8 +45,11 @@ def backup(
     snapshot is taken).
     """
     target = _db.Paths.for_db(dest)
-    if target.db == paths.db:
-        raise InvalidArgument("the backup cannot overwrite the database itself")
+    if _own_files(target) & _own_files(paths):
+        raise InvalidArgument(
+            f"{target.db} is the log's own database or one of the files beside it",
+            hint="write the backup to a new file name, such as one in another folder",
+        )
     if not target.db.parent.is_dir():
         raise InvalidArgument(f"folder {target.db.parent} does not exist")
     if target.db.exists() and not overwrite:
@@ -56,11 +59,11 @@ def backup(
         )
     started = time.monotonic()
     tmp = target.db.with_name(f".{target.db.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.close(fd)
     source = _db.connect(paths, durability="full", busy_timeout_ms=10_000)
     pages = 0
     try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
         copy = sqlite3.connect(tmp, isolation_level=None)
         try:
 
@@ -100,3 +103,11 @@ def backup(
     _deadletter.fsync_folder(target.db.parent)
     return BackupResult(paths.db, target.db, target.db.stat().st_size, pages, copied,
                         time.monotonic() - started)  # fmt: skip
+
+
+def _own_files(paths: _db.Paths) -> set[Path]:
+    """What a log keeps beside its database, resolved (a symlink or `..` names the same)."""
+    db = paths.db
+    names = (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+             paths.deadletter, paths.sidecar)  # fmt: skip
+    return {name.resolve() for name in names}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import random
 import signal
@@ -29,7 +30,7 @@ from . import _core, _db, _groups
 from ._core import Event, Lane
 from ._deadletter import DeadLetter, DeadLetterFile, new_id
 from ._groups import LaneState
-from ._locks import FileLock, QueuedLock
+from ._locks import QueuedLock
 from ._members import Membership
 from .errors import DeadLetterError, InvalidArgument
 
@@ -61,16 +62,22 @@ class ConsumerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 10_000:
             raise InvalidArgument(f"batch_size must be 1-10000, got {self.batch_size!r}")
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if not _core.is_whole(self.max_attempts, 1):
             raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts!r}")
         for name in ("retry_backoff", "max_backoff"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(f"{name} must be >= 0")
+            value = getattr(self, name)
+            if not _seconds(value) or value < 0:
+                raise InvalidArgument(f"{name} must be seconds >= 0, got {value!r}")
         for name in ("timeout", "hard_timeout"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InvalidArgument(f"{name} must be > 0 or None, got {value!r}")
+            if value is not None and (not _seconds(value) or value <= 0):
+                raise InvalidArgument(f"{name} must be seconds > 0 or None, got {value!r}")
         _core.check_start(self.start)
+
+
+def _seconds(value: object) -> bool:
+    """A finite number (NaN compares false with everything, and would turn a limit off)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -97,6 +104,9 @@ class _LaneRun:
     state: LaneState
     task: asyncio.Task[None]
     revoked: asyncio.Event = field(default_factory=asyncio.Event)
+    # Requeued events of this lane (dead-letter id -> event), handled by its loop between
+    # batches: never beside the event in hand, never in another process (one owner per lane).
+    redeliveries: dict[str, Event] = field(default_factory=dict)
 
 
 class _HandlerGate:
@@ -159,11 +169,27 @@ class _HandlerGate:
             self._notify()
 
 
+def _cancelled_in_handler(exc: asyncio.CancelledError) -> ErrorInfo:
+    """A CancelledError out of a handler: re-raised when the consumer's own task is being
+    cancelled (it is stopping); otherwise the handler's own (a task it awaited was cancelled)
+    and a failed attempt like any other error, or the lane would stop without a word."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        raise exc
+    return _error_info(exc)
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     text = "".join(traceback.format_exception(exc))
     if len(text) > _TRACEBACK_CHARS:
         text = "...\n" + text[-_TRACEBACK_CHARS:]
-    return type(exc).__qualname__, str(exc), text
+    try:
+        message = str(exc)
+    except Exception as failed:  # a handler's own exception class: its __str__ may raise
+        message = f"<str() of the error raised {type(failed).__qualname__}>"
+    if len(message) > _TRACEBACK_CHARS:
+        message = message[:_TRACEBACK_CHARS] + "..."
+    return type(exc).__qualname__, _core.utf8_text(message), _core.utf8_text(text)
 
 
 class Consumer:
@@ -202,8 +228,6 @@ class Consumer:
         self._in_hand: dict[Lane | None, _InHand] = {}
         self._rng = random.Random()
         self._membership: Membership | None = None
-        self._redeliver_lock: FileLock | None = None
-        self._redeliver_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._gate = _HandlerGate()
         self._handler_is_async = inspect.iscoroutinefunction(handler or batch_handler)
@@ -261,8 +285,6 @@ class Consumer:
                 watchdog.set()
             waiter.close()
             self._look.close()
-            if self._redeliver_lock is not None:
-                self._redeliver_lock.close()
             self._membership.close()
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -312,7 +334,7 @@ class Consumer:
                 self.stats.lanes_taken += 1
                 log.info("%s: took %s[%d] at %d", self.group, lane[0], lane[1], state.position)
         self._membership.heartbeat(list(self._lanes), {"group": self.group})
-        await self._maybe_redeliver()
+        await self._queue_redeliveries()
 
     async def _release(self, lane: Lane) -> None:
         run = self._lanes.pop(lane)
@@ -327,8 +349,6 @@ class Consumer:
     async def _drain_lanes(self) -> None:
         for lane in list(self._lanes):
             await self._release(lane)
-        if self._redeliver_task is not None:
-            await asyncio.gather(self._redeliver_task, return_exceptions=True)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -353,6 +373,13 @@ class Consumer:
         pending: int | None = None  # last handled offset, not yet committed
         try:
             while not (self._stop.is_set() or revoked.is_set()):
+                if run_ is not None and run_.redeliveries:
+                    if pending is not None:  # commit what was handled before going back
+                        keep = state.crashed_to is not None and pending < state.crashed_to
+                        await self._run_write(_groups.commit_plan(self.group, state, pending, keep))
+                        pending = None
+                    await self._redeliver(run_, revoked)
+                    continue
                 tick = self._tick
                 if pending is None and not self._read_here(_groups.has_more_plan(state)):
                     await _wait_any(tick, self._stop, revoked)
@@ -437,11 +464,13 @@ class Consumer:
         state: LaneState | None,
         first_error: ErrorInfo | None = None,
         revoked: asyncio.Event | None = None,
+        redelivery: str | None = None,
     ) -> bool:
         """One event, attempts written before each run, until it succeeds or is
         dead-lettered; False if stopped first (the event stays unacknowledged). A revoked
         lane stops too, between attempts: its attempts are persisted, so the next owner
-        goes on counting, and a rebalance never waits for a whole retry schedule."""
+        goes on counting, and a rebalance never waits for a whole retry schedule.
+        `redelivery`: the dead letter a requeue sent it back for (no lane state then)."""
         cfg = self.config
         credit = state.credit(event.offset) if state is not None else 0
         attempts = prior
@@ -453,7 +482,8 @@ class Consumer:
         while True:
             counted = attempts + (credit if attempts else 0)
             if counted >= cfg.max_attempts:
-                parked = await self._dead_letter(event, counted, error, state, revoked)
+                parked = await self._dead_letter(event, counted, error, state, revoked,
+                                                 redelivery)  # fmt: skip
                 if parked and credit and attempts and state is not None:
                     state.settle_crash()  # this event was charged the crashed run
                 return parked
@@ -469,7 +499,9 @@ class Consumer:
                 await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
                 error = await self._call(event, attempts, state)
                 if error is None:
-                    await self._run_write(_groups.finish_event_plan(self.group, event, state))
+                    await self._run_write(
+                        _groups.finish_event_plan(self.group, event, state, redelivery)
+                    )
                     self.stats.handled += 1
                     if credit and attempts > 1 and state is not None:
                         state.settle_crash()  # it failed alone: it took the crashed run
@@ -488,6 +520,7 @@ class Consumer:
         error: ErrorInfo | None,
         state: LaneState | None,
         revoked: asyncio.Event | None = None,
+        redelivery: str | None = None,
     ) -> bool:
         row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
         first_failed = row[1] if row else None
@@ -518,7 +551,7 @@ class Consumer:
                 if await _sleep_unless(self._stop, delay, revoked):
                     return False
                 delay = min(delay * 2, self.config.max_backoff or 30.0)
-        await self._run_write(_groups.finish_event_plan(self.group, event, state))
+        await self._run_write(_groups.finish_event_plan(self.group, event, state, redelivery))
         self.stats.dead_lettered += 1
         log.warning("%s: dead-lettered %s[%d]@%d after %d attempts (id %s)", self.group,
                     event.topic, event.partition, event.offset, attempts, entry.id)  # fmt: skip
@@ -540,8 +573,8 @@ class Consumer:
             else:
                 assert self._batch_handler is not None
                 await self._invoke(self._batch_handler, [event])
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            return _cancelled_in_handler(exc)
         except Exception as exc:
             return _error_info(exc)
         finally:
@@ -553,8 +586,8 @@ class Consumer:
         self._in_hand[state.lane] = _InHand(events[0], 1, time.monotonic(), state, batch=True)
         try:
             await self._invoke(self._batch_handler, events)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            return _cancelled_in_handler(exc)
         except Exception as exc:
             return _error_info(exc)
         finally:
@@ -597,36 +630,41 @@ class Consumer:
 
     # -- redeliveries -------------------------------------------------------------------------
 
-    async def _maybe_redeliver(self) -> None:
-        if self._redeliver_task is not None and not self._redeliver_task.done():
-            return
-        if self._redeliver_lock is None:
-            self._redeliver_lock = FileLock(self.log.paths.group_folder(self.group) /
-                                            "redeliver.lock")  # fmt: skip
-        if not self._redeliver_lock.held and not self._redeliver_lock.acquire(blocking=False):
-            return
-        pending = self._read_here(_groups.redeliveries_plan(self.group, 100))
-        if pending:
-            self._redeliver_task = asyncio.create_task(self._redeliver(pending))
+    async def _queue_redeliveries(self) -> None:
+        """Hand requeued events to the lanes this member owns (see _LaneRun.redeliveries);
+        those of lanes owned elsewhere wait for their owner."""
+        queued = False
+        for event, offset, dead_letter_id in self._read_here(
+            _groups.redeliveries_plan(self.group, 1000)
+        ):
+            if event is None:
+                # Pruned after the requeue (which refuses pruned events) was asked for.
+                log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
+                            self.group, offset, dead_letter_id)  # fmt: skip
+                await self._run_write(
+                    _groups.done_redelivery_plan(self.group, offset, dead_letter_id)
+                )
+                continue
+            run = self._lanes.get((event.topic, event.partition))
+            if run is not None and dead_letter_id not in run.redeliveries:
+                run.redeliveries[dead_letter_id] = event
+                queued = True
+        if queued:
+            self._wake_lanes()
 
-    async def _redeliver(self, pending: list[tuple[Event | None, int, str]]) -> None:
-        try:
-            for event, offset, dead_letter_id in pending:
-                if self._stop.is_set():
-                    return
-                if event is None:
-                    log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
-                                self.group, offset, dead_letter_id)  # fmt: skip
-                else:
-                    row = await self.log.run(_groups.event_attempt_plan(self.group, offset),
-                                             "none")  # fmt: skip
-                    if not await self._handle_carefully(event, int(row[0]) if row else 0, None):
-                        return
-                    self.stats.redelivered += 1
-                await self._run_write(_groups.done_redelivery_plan(self.group, offset))
-        except Exception as exc:
-            log.exception("%s: redelivery failed", self.group)
-            self._fail(exc)
+    async def _redeliver(self, run: _LaneRun, revoked: asyncio.Event) -> None:
+        """The lane's requeued events, oldest request first, each until it succeeds or is
+        dead-lettered again; its request is dropped in the transaction that finishes it."""
+        while run.redeliveries and not (self._stop.is_set() or revoked.is_set()):
+            dead_letter_id, event = next(iter(run.redeliveries.items()))
+            row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
+            prior = int(row[0]) if row else 0
+            if not await self._handle_carefully(
+                event, prior, None, revoked=revoked, redelivery=dead_letter_id
+            ):
+                return
+            del run.redeliveries[dead_letter_id]
+            self.stats.redelivered += 1
 
 
 def _exit_after_hard_timeout(

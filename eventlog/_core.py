@@ -134,12 +134,33 @@ def topic_matches(compiled: re.Pattern[str], topic: str) -> bool:
     return compiled.fullmatch("." + topic) is not None
 
 
+def utf8_text(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (lone surrogates: a file name that is not UTF-8,
+    decoded the way os does it) escaped as `\\udcff`: an error's text is stored in SQLite
+    and in the dead-letter file, and a poison event must end even when its error says odd
+    things."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+MAX_INT64 = 2**63 - 1  # SQLite's integers: an offset, count or page past it is refused
+
+
+def is_whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_INT64
+
+
+def check_offset(offset: object, what: str = "offset") -> int:
+    if not is_whole(offset, 0):
+        raise InvalidArgument(f"{what} must be an integer from 0 to 2**63-1, got {offset!r}")
+    return offset  # type: ignore[return-value]
+
+
 def check_read_options(limit: object, page: object) -> None:
     """`limit`: None or a count >= 0; `page`: rows per lane and query, >= 1 (SQLite would
     read LIMIT -1 as no limit and load a whole backlog at once)."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+    if limit is not None and not is_whole(limit, 0):
         raise InvalidArgument(f"limit must be None or an integer >= 0, got {limit!r}")
-    if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+    if not is_whole(page, 1):
         raise InvalidArgument(f"page must be an integer >= 1, got {page!r}")
 
 
@@ -152,7 +173,7 @@ def check_seconds(value: object, what: str) -> None:
 
 
 def check_wait_for(after: object, timeout: object) -> None:
-    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+    if after is not None and not is_whole(after, 0):
         raise InvalidArgument(f"after must be None or an offset >= 0, got {after!r}")
     check_seconds(timeout, "timeout")
 
@@ -415,9 +436,7 @@ def check_start(start: object) -> str | int | datetime:
     if isinstance(start, bool):
         raise InvalidArgument(f"invalid start {start!r}")
     if isinstance(start, int):
-        if start < 0:
-            raise InvalidArgument(f"start offset must be >= 0, got {start}")
-        return start
+        return check_offset(start, "start offset")
     if isinstance(start, datetime):
         return start
     raise InvalidArgument(
@@ -426,6 +445,8 @@ def check_start(start: object) -> str | int | datetime:
 
 
 def datetime_ms(moment: datetime) -> int:
+    if not isinstance(moment, datetime):
+        raise InvalidArgument(f"expected a datetime, got {moment!r}")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
@@ -748,5 +769,6 @@ def topics_plan() -> Plan[list[TopicInfo]]:
 
 
 def read_event_plan(offset: int) -> Plan[Event | None]:
+    check_offset(offset)
     rows = yield Stmt(_sql.READ_EVENT, (offset,))
     return row_to_event(rows[0]) if rows else None

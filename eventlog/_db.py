@@ -132,6 +132,12 @@ def prepare_files(paths: Paths, *, create: bool) -> None:
             pass  # another process created it at the same moment
         except OSError as exc:
             raise translate(exc) from exc
+    elif not create and paths.db.is_file() and paths.db.stat().st_size == 0:
+        # SQLite takes an empty file for an empty database: only `init` may make it a log.
+        raise NotAnEventlogDatabase(
+            f"{paths.db} is an empty file, not an eventlog database",
+            hint="make it a log with 'eventlog init'",
+        )
     try:
         paths.make_sidecar()
     except OSError as exc:

@@ -16,9 +16,10 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from ._core import check_name
+from ._core import MAX_INT64, check_name, utf8_text
 from ._db import Paths
 from ._locks import FileLock
 from .errors import DeadLetterError, InvalidArgument, NotFound, translate
@@ -77,6 +78,55 @@ class DeadLetter:
     @property
     def dead_lettered_at(self) -> datetime:
         return datetime.fromtimestamp(self.dead_lettered_at_ms / 1000, UTC)
+
+
+_TEXTS = ("id", "group", "topic", "error_type", "error_message", "traceback")
+_COUNTS = ("partition", "offset", "attempts")
+_TIMES = ("event_time_ms", "dead_lettered_at_ms")
+_OPTIONAL_TIMES = ("first_failed_at_ms", "last_failed_at_ms", "requeued_at_ms")
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC, the last time datetime holds
+# A JSON escape of a lone surrogate (a hand-edited line, or another tool's json.dumps): the
+# text it stands for cannot be written out as UTF-8 again.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_entry(raw: bytes) -> DeadLetter:
+    """One line of the file as an entry; ValueError or TypeError if it is not one: not JSON,
+    nested too deep, not an object, a field missing or of the wrong type, a time past what a
+    datetime holds. Text that UTF-8 cannot hold comes back escaped (utf8_text)."""
+    try:
+        data = json.loads(raw)
+        if _SURROGATE_ESCAPE.search(raw):
+            data = _utf8_everywhere(data)
+    except RecursionError as exc:
+        raise ValueError("nested too deep") from exc
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if not all(isinstance(data.get(name), str) for name in _TEXTS):
+        raise ValueError("a text field is missing or not text")
+    if data.get("key") is not None and not isinstance(data["key"], str):
+        raise ValueError("key is not text")
+    headers = data.get("headers")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("headers are not an object of texts")
+    for name in _COUNTS + _TIMES + _OPTIONAL_TIMES:
+        value = data.get(name)
+        if value is None and name in _OPTIONAL_TIMES:
+            continue
+        ceiling = MAX_INT64 if name in _COUNTS else MAX_TIME_MS
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= ceiling:
+            raise ValueError(f"{name} is not a whole number in range")
+    return DeadLetter.from_dict(data)
+
+
+def _utf8_everywhere(value: Any) -> Any:
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, list):
+        return [_utf8_everywhere(v) for v in value]
+    if isinstance(value, dict):
+        return {utf8_text(k): _utf8_everywhere(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -148,7 +198,7 @@ class DeadLetterFile:
             if needle not in raw:
                 continue
             try:
-                entry = DeadLetter.from_dict(json.loads(raw))
+                entry = parse_entry(raw)
             except (ValueError, TypeError):
                 continue
             if entry.id == dead_letter_id:
@@ -172,7 +222,7 @@ class DeadLetterFile:
             if not raw.strip():
                 continue
             try:
-                listing.entries.append(DeadLetter.from_dict(json.loads(raw)))
+                listing.entries.append(parse_entry(raw))
             except (ValueError, TypeError):
                 if number == len(lines) and not ends_clean:
                     listing.torn_tail = True
@@ -183,50 +233,100 @@ class DeadLetterFile:
     def rewrite(self, change: Callable[[DeadLetter], DeadLetter | None]) -> list[DeadLetter]:
         """Apply `change` to every entry under the lock (None drops it); returns the entries
         that changed or were dropped. Lines that are not entries are kept verbatim."""
-        changed: list[DeadLetter] = []
+        with self.prepare_rewrite(change) as rewrite:
+            rewrite.commit()
+        return rewrite.changed
+
+    def prepare_rewrite(self, change: Callable[[DeadLetter], DeadLetter | None]) -> Rewrite:
+        """The rewrite `change` makes, written to a temporary file and fsynced under the lock,
+        not yet in place: a change to the database that goes with it is made between this
+        and Rewrite.commit(), so that whatever can fail in the file fails before it."""
         lock = self._locked()
         try:
-            with lock:
+            lock.__enter__()
+            try:
+                with open(self.path, "rb") as f:
+                    content = f.read()
+            except FileNotFoundError:
+                return Rewrite(self.path, lock, None, [])
+            out: list[bytes] = []
+            changed: list[DeadLetter] = []
+            for raw in content.splitlines():
                 try:
-                    with open(self.path, "rb") as f:
-                        content = f.read()
-                except FileNotFoundError:
-                    return []
-                out: list[bytes] = []
-                for raw in content.splitlines():
-                    try:
-                        entry = DeadLetter.from_dict(json.loads(raw))
-                    except (ValueError, TypeError):
-                        if raw.strip():
-                            out.append(raw)
-                        continue
-                    new = change(entry)
-                    if new is not entry:
-                        changed.append(entry)
-                    if new is not None:
-                        out.append(json.dumps(new.to_dict(), ensure_ascii=False,
-                                              separators=(",", ":")).encode("utf-8"))  # fmt: skip
-                if not changed:
-                    return []
-                tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    data = b"".join(line + b"\n" for line in out)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
+                    entry = parse_entry(raw)
+                except (ValueError, TypeError):
+                    if raw.strip():
+                        out.append(raw)
+                    continue
+                new = change(entry)
+                if new is not entry:
+                    changed.append(entry)
+                if new is not None:
+                    out.append(json.dumps(new.to_dict(), ensure_ascii=False,
+                                          separators=(",", ":")).encode("utf-8"))  # fmt: skip
+            if not changed:
+                return Rewrite(self.path, lock, None, [])
+            tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                data = b"".join(line + b"\n" for line in out)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+            return Rewrite(self.path, lock, tmp, changed)
+        except OSError as exc:
+            lock.close()
+            raise DeadLetterError(
+                f"cannot rewrite the dead-letter file {self.path}: {exc}"
+            ) from exc
+        except BaseException:
+            lock.close()
+            raise
+
+
+class Rewrite:
+    """A rewrite of the dead-letter file waiting, under the file's lock, in a fsynced temporary
+    file: commit() renames it into place, leaving the `with` block without commit drops it.
+    Either lets the lock go."""
+
+    def __init__(self, path: Path, lock: FileLock, tmp: Path | None,
+                 changed: list[DeadLetter]) -> None:  # fmt: skip
+        self.path, self.changed = path, changed
+        self._lock: FileLock | None = lock
+        self._tmp = tmp
+
+    def commit(self) -> None:
+        try:
+            if self._tmp is not None:
+                os.replace(self._tmp, self.path)
+                self._tmp = None
                 fsync_folder(self.path.parent)
         except OSError as exc:
             raise DeadLetterError(
                 f"cannot rewrite the dead-letter file {self.path}: {exc}"
             ) from exc
         finally:
-            lock.close()
-        return changed
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Rewrite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._drop()
 
 
 def select(
@@ -281,6 +381,12 @@ def choose(
     """The entries a requeue or purge acts on: by id, by group, or all (one must be said)."""
     if ids is None and group is None and not everything:
         raise InvalidArgument("say which dead letters: ids, a group, or all")
+    if ids is not None:
+        if isinstance(ids, str):
+            ids = [ids]  # one id, not its characters
+        elif not isinstance(ids, Iterable):
+            raise InvalidArgument(f"ids must be dead-letter ids, got {ids!r}")
+        ids = [check_id(i) for i in ids]
     listing = file.read()
     chosen = select(listing.entries, ids=ids, group=group, include_requeued=include_requeued)
     if ids is not None:
@@ -290,13 +396,18 @@ def choose(
     return chosen
 
 
-def mark_requeued(file: DeadLetterFile, ids: set[str], at_ms: int) -> list[DeadLetter]:
+def prepare_requeue_marks(file: DeadLetterFile, ids: set[str], at_ms: int) -> Rewrite:
+    """Mark the entries with these ids requeued, those not marked yet (Rewrite.changed); the
+    redeliveries are requested between this and commit(): a crash in between redelivers and
+    leaves the entries pending (a second requeue asks for nothing new), and a file that
+    cannot be rewritten fails before the database changes."""
+
     def change(entry: DeadLetter) -> DeadLetter:
         if entry.id in ids and entry.requeued_at_ms is None:
             return replace(entry, requeued_at_ms=at_ms)
         return entry
 
-    return file.rewrite(change)
+    return file.prepare_rewrite(change)
 
 
 def drop(file: DeadLetterFile, ids: set[str]) -> list[DeadLetter]:

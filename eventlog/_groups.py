@@ -230,11 +230,17 @@ def choose_dead_letter_id_plan(group: str, event: Event, new_id: str) -> Plan[st
     return str(rows[0][0])
 
 
-def finish_event_plan(group: str, event: Event, state: LaneState | None) -> Plan[None]:
-    """The event succeeded or was dead-lettered: forget its attempts; commit past it."""
+def finish_event_plan(
+    group: str, event: Event, state: LaneState | None, redelivery: str | None = None
+) -> Plan[None]:
+    """The event succeeded or was dead-lettered: forget its attempts; commit past it, or (a
+    redelivery of dead letter `redelivery`) drop its request, in the same transaction: a
+    death in between would run it again, or dead-letter it twice."""
     yield Stmt(_sql.CLEAR_ATTEMPTS, (group, event.offset))
     if state is not None:
         yield from commit_plan(group, state, event.offset, keep_marker=True)
+    if redelivery is not None:
+        yield Stmt(_sql.DONE_REDELIVERY, (group, event.offset, redelivery))
 
 
 def redeliveries_plan(group: str, limit: int) -> Plan[list[tuple[Event | None, int, str]]]:
@@ -247,13 +253,24 @@ def redeliveries_plan(group: str, limit: int) -> Plan[list[tuple[Event | None, i
     return found
 
 
-def done_redelivery_plan(group: str, offset: int) -> Plan[None]:
+def done_redelivery_plan(group: str, offset: int, dead_letter_id: str) -> Plan[None]:
     yield Stmt(_sql.CLEAR_ATTEMPTS, (group, offset))
-    yield Stmt(_sql.DONE_REDELIVERY, (group, offset))
+    yield Stmt(_sql.DONE_REDELIVERY, (group, offset, dead_letter_id))
 
 
 def request_redelivery_plan(entries: Sequence[tuple[str, int, str]]) -> Plan[int]:
     """Queue (group, offset, dead-letter id) for redelivery to that group only, attempts reset."""
+    pruned = []
+    for _group, offset, dead_letter_id in entries:
+        if not (yield Stmt(_sql.EVENT_EXISTS, (offset,))):
+            pruned.append(f"{dead_letter_id} (offset {offset})")
+    if pruned:
+        raise NotFound(
+            f"the events of dead letters {', '.join(pruned)} were pruned from the log: a "
+            "requeue has nothing to deliver, and nothing was requeued",
+            hint="their payloads are in the dead-letter file ('eventlog dlq show ID'): append "
+            "them again, then purge those entries; or requeue the others by id",
+        )
     ts = now_ms()
     added = 0
     for group, offset, dead_letter_id in entries:

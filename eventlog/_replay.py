@@ -174,6 +174,11 @@ def reset_plan(
         resets.append(reset)
         if execute and reset.changes:
             yield Stmt(_sql.SET_GROUP_LANE, (group, topic, partition, after, now))
+            # What it moves over starts afresh: attempts counted before would leave a replayed
+            # event fewer tries, and keep a skipped one listed as retrying.
+            assert after is not None
+            low = after if before is None else min(before, after)
+            yield Stmt(_sql.CLEAR_LANE_ATTEMPTS_AFTER, (group, topic, partition, low))
     return resets
 
 
@@ -228,8 +233,12 @@ def replay(
     so a consumer can neither commit over the reset nor start from a half-written one.
     """
     _core.check_name(group, "group", log.limits)
-    if spec.kind == "shift" and not isinstance(spec.value, int):
-        raise InvalidArgument("shift needs a whole number of events")
+    if spec.kind == "shift" and not (
+        isinstance(spec.value, int) and abs(spec.value) <= _core.MAX_INT64
+    ):
+        raise InvalidArgument("shift needs a whole number of events, at most 2**63-1 either way")
+    if spec.kind == "offset":
+        _core.check_offset(spec.value, "the offset to reset to")
     if not execute:
 
         def preview() -> Plan[list[LaneReset]]:

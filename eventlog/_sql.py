@@ -203,20 +203,31 @@ RECORD_FAILURE = (
     " WHERE group_name = ? AND event_offset = ?"
 )
 CLEAR_ATTEMPTS = "DELETE FROM eventlog_attempts WHERE group_name = ? AND event_offset = ?"
+CLEAR_LANE_ATTEMPTS_AFTER = (
+    "DELETE FROM eventlog_attempts"
+    " WHERE group_name = ? AND topic = ? AND partition = ? AND event_offset > ?"
+)
 GROUP_ATTEMPTS = (
     "SELECT event_offset, topic, partition, attempts, last_failed_at, error_type, error_message"
     " FROM eventlog_attempts WHERE group_name = ? ORDER BY event_offset"
 )
 
+# A request for an event whose redelivery is still pending (or running) takes it over: the
+# run that finishes deletes only the request it was for (DONE_REDELIVERY), so this one runs.
 REQUEST_REDELIVERY = (
     "INSERT INTO eventlog_redeliveries (group_name, event_offset, dead_letter_id, requested_at)"
-    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (group_name, event_offset) DO UPDATE"
+    " SET dead_letter_id = excluded.dead_letter_id, requested_at = excluded.requested_at"
 )
+EVENT_EXISTS = "SELECT 1 FROM eventlog_events WHERE id = ?"
 PENDING_REDELIVERIES = (
     "SELECT event_offset, dead_letter_id FROM eventlog_redeliveries WHERE group_name = ?"
     " ORDER BY event_offset LIMIT ?"
 )
-DONE_REDELIVERY = "DELETE FROM eventlog_redeliveries WHERE group_name = ? AND event_offset = ?"
+DONE_REDELIVERY = (
+    "DELETE FROM eventlog_redeliveries"
+    " WHERE group_name = ? AND event_offset = ? AND dead_letter_id = ?"
+)
 
 # -- retention --------------------------------------------------------------------------------
 

@@ -76,12 +76,18 @@ class Draft:
         )
 
 
+def redeliveries(entries: Iterable[_deadletter.DeadLetter]) -> list[tuple[str, int, str]]:
+    return [(e.group, e.offset, e.id) for e in entries]
+
+
 def newest_of(events: Sequence[Event]) -> int:
     """The offset of the last of events in offset order; 0 for none (for run_read)."""
     return events[-1].offset if events else 0
 
 
 def encode_drafts(drafts: Iterable[Draft], limits: Limits) -> list[EncodedEvent]:
+    if not isinstance(drafts, Iterable) or isinstance(drafts, Draft):
+        raise InvalidArgument(f"append_many takes Draft objects, got {type(drafts).__name__}")
     encoded = []
     for i, draft in enumerate(drafts):
         if not isinstance(draft, Draft):
@@ -488,11 +494,14 @@ class SyncLog:
         chosen = _deadletter.choose(file, ids, group, all, include_requeued=False)
         if dry_run or not chosen:
             return chosen
-        self.run(_groups.request_redelivery_plan([(e.group, e.offset, e.id) for e in chosen]),
-                 "write")  # fmt: skip
-        _deadletter.mark_requeued(file, {e.id for e in chosen}, _core.now_ms())
+        with _deadletter.prepare_requeue_marks(
+            file, {e.id for e in chosen}, _core.now_ms()
+        ) as marks:
+            if marks.changed:  # under the file's lock: what another requeue did not take
+                self.run(_groups.request_redelivery_plan(redeliveries(marks.changed)), "write")
+            marks.commit()
         self._wake.notify()
-        return chosen
+        return marks.changed
 
     def purge_dead_letters(
         self,

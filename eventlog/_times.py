@@ -44,7 +44,26 @@ def parse_duration(text: str) -> timedelta:
             "10m, 2h, 7d or 1h30m, or ISO-8601 such as PT10M",
             hint="for example --older-than 7d",
         )
-    return timedelta(seconds=sign * seconds)
+    try:
+        return timedelta(seconds=sign * seconds)
+    except OverflowError:
+        raise InvalidArgument(
+            f"duration {text!r} is too long: at most 999,999,999 days", hint="for example 7d"
+        ) from None
+
+
+# The first and last moments a datetime holds: a relative time past them stops there.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def shifted(moment: datetime, by: timedelta) -> datetime:
+    """`moment + by`, stopping at the first or last moment a datetime holds (`-999999d` means
+    long ago: no event is older)."""
+    try:
+        return moment + by
+    except OverflowError:
+        return LATEST if by > timedelta(0) else EARLIEST
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -54,7 +73,7 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     if s.lower() == "now":
         return now
     if s[:1] in "+-":
-        return now + parse_duration(s)
+        return shifted(now, parse_duration(s))
     try:
         moment = datetime.fromisoformat(s)
     except ValueError:
@@ -70,6 +89,6 @@ def parse_start(text: str) -> str | int | datetime:
     s = text.strip()
     if s in ("earliest", "latest"):
         return s
-    if s.isdigit():
+    if s.isascii() and s.isdigit():  # not '²', which isdigit() takes and int() refuses
         return int(s)
     return parse_time(s)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import _core, _deadletter, _groups, _members, _pipe, _replay, _stats, _times
+from .._core import MAX_INT64
 from ..errors import EventlogError
 from . import CONTEXT, DbOption, JsonOption, _format, _Group, _open, _parse, _settings, _usage, app
 from ._format import _ago, _emit, _lane, _note, _summary, _table, _utc
@@ -248,12 +249,18 @@ def replay(
     ] = False,
     to_offset: Annotated[
         int | None,
-        typer.Option("--to-offset", metavar="N", min=0, help="Deliver from offset N on."),
+        typer.Option(
+            "--to-offset", metavar="N", min=0, max=MAX_INT64, help="Deliver from offset N on."
+        ),
     ] = None,
     shift_by: Annotated[
         int | None,
         typer.Option(
-            "--shift-by", metavar="N", help="Move by N events in each partition; negative rewinds."
+            "--shift-by",
+            metavar="N",
+            min=-MAX_INT64,
+            max=MAX_INT64,
+            help="Move by N events in each partition; negative rewinds.",
         ),
     ] = None,
     to_datetime: Annotated[
@@ -338,7 +345,7 @@ def replay(
     else:
         assert by_duration is not None
         length = abs(_parse("--by-duration", _times.parse_duration, by_duration))
-        spec = _replay.ResetSpec("datetime", datetime.now(UTC) - length)
+        spec = _replay.ResetSpec("datetime", _times.shifted(datetime.now(UTC), -length))
     scope = _scope(topic or [])
     waiting = {"said": False}
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import _core, _db, _schema, _sync, _tail, _times
+from .._core import MAX_INT64
 from ..errors import EventlogError, InvalidPayload, NotAnEventlogDatabase, NotFound
 from . import (
     CONTEXT,
@@ -95,7 +96,10 @@ def _strict_json(text: str) -> Any:
     def reject(constant: str) -> Any:
         raise ValueError(f"{constant} is not valid JSON")
 
-    return json.loads(text, parse_constant=reject)
+    try:
+        return json.loads(text, parse_constant=reject)
+    except RecursionError:
+        raise ValueError("nested too deep to be read") from None
 
 
 def _headers(values: Sequence[str]) -> dict[str, str] | None:
@@ -285,6 +289,7 @@ def tail(
             "--limit",
             "-n",
             min=0,
+            max=MAX_INT64,
             show_default=False,
             help="At most this many events (default 10 without --from).",
         ),

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import _backup, _core, _db, _doctor, _retention, _stats, _times
+from .._core import MAX_INT64
 from ..errors import EventlogError, NotAnEventlogDatabase
 from . import DbOption, DryRun, JsonOption, _open, _parse, _settings, _usage, app
 from ._format import _emit, _note, _Progress, _table, _utc
@@ -92,7 +93,9 @@ def prune(
     ] = None,
     keep_last: Annotated[
         int | None,
-        typer.Option(metavar="N", min=0, help="Keep only the newest N events of each topic."),
+        typer.Option(
+            metavar="N", min=0, max=MAX_INT64, help="Keep only the newest N events of each topic."
+        ),
     ] = None,
     topic: Annotated[
         list[str] | None, typer.Option(help="Only this topic (repeatable; default all).")

@@ -527,7 +527,7 @@ def reset_spec(body: dict[str, Any]) -> _replay.ResetSpec:
     if kind == "datetime":
         return _replay.ResetSpec("datetime", _times.parse_time(value))
     length = abs(_times.parse_duration(value))
-    return _replay.ResetSpec("datetime", datetime.now(UTC) - length)
+    return _replay.ResetSpec("datetime", _times.shifted(datetime.now(UTC), -length))
 
 
 def reset_scope(value: object) -> list[tuple[str, list[int] | None]] | None:
