@@ -206,7 +206,7 @@ def test_a_requeued_event_is_handled_by_its_partitions_owner_never_beside_it(
     assert sorted(dead) == [0, 1]
 
     a = members(db, journal, "--topic", "t")
-    a.wait_ready()  # alone: both lanes, and the redeliver lock (taken at its first rebalance)
+    a.wait_ready()  # alone: both lanes
     b = members(db, journal, "--topic", "t")
     b.wait_ready()
     wait_until(lambda: latest_lanes(read_journal(journal), b.pid)
