@@ -489,3 +489,18 @@ def spawn() -> Iterator[Callable[..., Child]]:
     yield start
     for child in children:
         child.kill()
+
+
+def cli(db: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """`python -m eventlog --db DB ARGS` with no terminal and no EVENTLOG_DB; never a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "EVENTLOG_DB"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "eventlog", "--db", str(db), *args], input=stdin,
+        capture_output=True, timeout=60, env=env, cwd=db.parent,
+    )  # fmt: skip
+    out = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+        proc.stderr.decode("utf-8", "replace"),
+    )  # fmt: skip
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr
+    return out

@@ -9,32 +9,19 @@ import json
 import math
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import dump
+from conftest import cli, dump
 
 import eventlog
 from eventlog import _deadletter
 from eventlog._db import Paths
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def cli(db: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "EVENTLOG_DB"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "eventlog", "--db", str(db), *args], input=stdin,
-        capture_output=True, timeout=60, env=env, cwd=db.parent,
-    )  # fmt: skip
-    return subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
-        proc.stderr.decode("utf-8", "replace"),
-    )  # fmt: skip
 
 
 def no_traceback(out: subprocess.CompletedProcess[str], codes: tuple[int, ...] = (1, 2)) -> None:

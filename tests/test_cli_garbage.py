@@ -10,29 +10,14 @@ EVENTLOG_DB from the environment.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 import eventlog
-
-
-def cli(db: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "EVENTLOG_DB"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "eventlog", "--db", str(db), *args], input=stdin,
-        capture_output=True, timeout=60, env=env, cwd=db.parent,
-    )  # fmt: skip
-    out = subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
-        proc.stderr.decode("utf-8", "replace"),
-    )  # fmt: skip
-    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr
-    return out
 
 
 def expect_error(out: subprocess.CompletedProcess[str]) -> None:

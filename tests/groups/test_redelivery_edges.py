@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 import eventlog
 
 from .conftest import (
-    Member,
     assert_one_owner_at_a_time,
     attempt_rows,
     calls,
@@ -54,6 +52,29 @@ def redeliveries(db: Path) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def dead_letter_and_requeue(db: Path, *, max_attempts: int) -> dict[str, Any]:
+    """Group g dead-letters every event of t (its handler always fails); the one entry, L1,
+    is requeued. Returns L1."""
+
+    def handle(event: eventlog.Event) -> None:
+        raise RuntimeError("broken")
+
+    with eventlog.open_sync(db) as log:
+        stop = threading.Event()
+        th = threading.Thread(target=log.consume, args=("g", "t", handle),
+                              kwargs={"stop": stop, "handle_signals": False,
+                                      "max_attempts": max_attempts, **FAST})  # fmt: skip
+        th.start()
+        try:
+            wait_until(lambda: caught_up(db, "g", "t"), what="L1")
+        finally:
+            stop.set()
+            th.join(30)
+    (l1,) = deadletter_entries(db)
+    assert cli(db, "dlq", "requeue", "--id", l1["id"]).returncode == 0
+    return l1  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "e.db"  # short: wake-up socket paths are small
@@ -62,20 +83,6 @@ def db(tmp_path: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path: Path) -> Path:
     return tmp_path / "journal.jsonl"
-
-
-@pytest.fixture
-def members(tmp_path: Path) -> Iterator[Any]:
-    started: list[Member] = []
-
-    def start(db: Path, journal: Path, *options: Any) -> Member:
-        member = Member(db, journal, *options, stderr_path=tmp_path / f"m{len(started)}.err")
-        started.append(member)
-        return member
-
-    yield start
-    for member in started:
-        member.kill()
 
 
 # -- requeue of a dead letter whose event was pruned -------------------------------------------
@@ -285,22 +292,7 @@ def test_a_requeue_made_while_the_same_events_redelivery_finishes_is_delivered(
     flag.touch()
     journal = tmp_path / "j.jsonl"
 
-    def handle(event: eventlog.Event) -> None:
-        raise RuntimeError("broken")
-
-    with eventlog.open_sync(db) as log:
-        stop = threading.Event()
-        th = threading.Thread(target=log.consume, args=("g", "t", handle),
-                              kwargs={"stop": stop, "handle_signals": False, "max_attempts": 1,
-                                      **FAST})  # fmt: skip
-        th.start()
-        try:
-            wait_until(lambda: caught_up(db, "g", "t"), what="L1")
-        finally:
-            stop.set()
-            th.join(30)
-    (l1,) = deadletter_entries(db)
-    assert cli(db, "dlq", "requeue", "--id", l1["id"]).returncode == 0
+    l1 = dead_letter_and_requeue(db, max_attempts=1)
 
     child = subprocess.Popen(
         [sys.executable, "-c", PAUSING_CHILD, str(db), str(journal), str(flag)],
@@ -378,22 +370,7 @@ def test_a_death_after_a_redelivery_is_dead_lettered_neither_retries_nor_writes_
     with eventlog.open_sync(db) as log:
         log.append("t", {"x": True})
 
-    def handle(event: eventlog.Event) -> None:
-        raise RuntimeError("broken")
-
-    with eventlog.open_sync(db) as log:
-        stop = threading.Event()
-        th = threading.Thread(target=log.consume, args=("g", "t", handle),
-                              kwargs={"stop": stop, "handle_signals": False, "max_attempts": 2,
-                                      **FAST})  # fmt: skip
-        th.start()
-        try:
-            wait_until(lambda: caught_up(db, "g", "t"), what="L1")
-        finally:
-            stop.set()
-            th.join(30)
-    (l1,) = deadletter_entries(db)
-    assert cli(db, "dlq", "requeue", "--id", l1["id"]).returncode == 0
+    l1 = dead_letter_and_requeue(db, max_attempts=2)
     journal = tmp_path / "j.jsonl"
 
     first = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(db), str(journal), "die"],
