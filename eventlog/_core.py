@@ -149,6 +149,19 @@ def is_whole(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_INT64
 
 
+_WHOLE_RE = re.compile(r"-?[0-9]{1,19}")
+
+
+def parse_whole(text: str) -> int | None:
+    """`text` as an integer SQLite can hold (ASCII digits, an optional minus), or None.
+    str.isdigit() takes '²', which int() refuses."""
+    text = text.strip()
+    if not _WHOLE_RE.fullmatch(text):
+        return None
+    value = int(text)
+    return value if -MAX_INT64 - 1 <= value <= MAX_INT64 else None
+
+
 def check_offset(offset: object, what: str = "offset") -> int:
     if not is_whole(offset, 0):
         raise InvalidArgument(f"{what} must be an integer from 0 to 2**63-1, got {offset!r}")

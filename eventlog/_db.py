@@ -378,9 +378,12 @@ def needs_sync(conn: sqlite3.Connection, writers: FileLock | None, newest: int) 
 
 def sync_for_readers(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> None:
     """fsync the WAL, so that events up to `newest` (read already, so in the WAL or in a
-    checkpoint, which fsynced them) are on disk, and say so to the others."""
+    checkpoint, which fsynced them) are on disk, and say so to the others. What is noted is
+    at most the head committed before the fsync began: a `newest` past it (a client's resume
+    point) is no event, and noting it would vouch for commits that come later."""
+    head = drive(conn, _core.head_plan(), "none")
     sync_commits(conn, writers)
-    note_durable(conn, writers, newest)
+    note_durable(conn, writers, min(newest, head))
 
 
 def ensure_durable(conn: sqlite3.Connection, writers: FileLock | None, newest: int) -> None:

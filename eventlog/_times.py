@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+from ._core import parse_whole
 from .errors import InvalidArgument
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -89,6 +90,7 @@ def parse_start(text: str) -> str | int | datetime:
     s = text.strip()
     if s in ("earliest", "latest"):
         return s
-    if s.isascii() and s.isdigit():  # not '²', which isdigit() takes and int() refuses
-        return int(s)
+    offset = parse_whole(s)
+    if offset is not None and offset >= 0:
+        return offset
     return parse_time(s)

@@ -37,6 +37,7 @@ from .. import (
     _times,
 )
 from .._async import AsyncLog
+from .._core import parse_whole
 from .._groups import check_group_exists, group_extras_plan
 from .._sync import SyncLog
 from ..errors import (
@@ -141,7 +142,7 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 async def json_body(request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and (parse_whole(declared) or 0) > MAX_BODY_BYTES:
         raise HTTPError(413, "PayloadTooLarge", f"the body is {declared} bytes; the limit is "
                         f"{MAX_BODY_BYTES}", "send fewer events per request")  # fmt: skip
     chunks, size = [], 0
@@ -153,6 +154,9 @@ async def json_body(request: Request) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         value = json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except RecursionError:
+        raise HTTPError(400, "InvalidJSON", "the body is nested too deep to be read",
+                        "send flatter JSON") from None  # fmt: skip
     except ValueError as exc:
         raise HTTPError(400, "InvalidJSON", f"the body is not valid JSON: {exc}",
                         "send one JSON object") from None  # fmt: skip
@@ -178,9 +182,9 @@ def _int_param(request: Request, name: str, default: int | None = None, *, low: 
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
-    if not text.strip().lstrip("-").isdigit() or len(text) > 19:
+    value = parse_whole(text)
+    if value is None:
         raise InvalidArgument(f"{name} must be a whole number, got {text!r}")
-    value = int(text)
     if value < low or (high is not None and value > high):
         limit = f" and {high}" if high is not None else " or more"
         raise InvalidArgument(
@@ -377,9 +381,10 @@ async def browse(request: Request) -> Response:
 @api
 async def get_event(request: Request) -> Response:
     text = request.path_params["offset"]
-    if not text.isdigit() or len(text) > 18:
+    offset = parse_whole(text)
+    if offset is None or offset < 0:
         raise InvalidArgument(f"invalid offset {text!r}")
-    event = await call(state_of(request).log.get, int(text))
+    event = await call(state_of(request).log.get, offset)
     if event is None:
         raise NotFound(f"no event at offset {text}",
                        hint="it was never appended, or was pruned")  # fmt: skip

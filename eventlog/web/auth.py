@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .._db import Paths
 from ..errors import StorageError
@@ -271,21 +271,36 @@ class Guard:
             await _send_html(send, 401, self.login_page())
             return
         if scope["path"] == "/login":
-            target = query.get("next", "/")
-            # only a path on this server: never //host or a scheme (an open redirect)
-            location = (
-                target
-                if target.startswith("/") and not target.startswith("//") and "\\" not in target
-                else "/"
-            )
+            location = _path_on_this_server(query.get("next", "/"))
         else:
-            rest = urlencode([(k, v) for k, v in query.items() if k != "token"])
-            location = scope["path"] + (f"?{rest}" if rest else "")
+            pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                              keep_blank_values=True)  # fmt: skip
+            rest = urlencode([(k, v) for k, v in pairs if k != "token"])  # repeats kept
+            location = _quoted_path(scope["path"]) + (f"?{rest}" if rest else "")
         await send({"type": "http.response.start", "status": 303, "headers": [
-            (b"location", location.encode("latin-1")),
+            (b"location", location.encode("ascii")),
             (b"set-cookie", self.policy.session_cookie().encode()),
             (b"cache-control", b"no-store"), (b"content-length", b"0")]})  # fmt: skip
         await send({"type": "http.response.body", "body": b""})
+
+
+def _path_on_this_server(target: str) -> str:
+    """The login page's `next`, as a redirect that stays on this server (never an open
+    redirect): a path, with its query, and nothing else; "/" for anything else. A browser drops
+    tabs and line breaks from a URL, so they are dropped before the look for //host."""
+    target = target.translate({9: None, 10: None, 13: None})
+    parts = urlsplit(target)
+    if (not target.startswith("/") or target.startswith("//") or "\\" in target
+            or parts.scheme or parts.netloc):  # fmt: skip
+        return "/"
+    query = quote(parts.query, safe="=&;:@!$'()*+,/?-._~%")
+    return _quoted_path(parts.path) + (f"?{query}" if query else "")
+
+
+def _quoted_path(path: str) -> str:
+    """A decoded path as it goes in a Location header: percent-encoded (a '#' stays part of the
+    path, a line break cannot end the header), with one leading slash (never //host)."""
+    return "/" + quote(path, safe="/:@!$&'()*+,;=-._~").lstrip("/")
 
 
 def _bearer(value: str | None) -> str | None:

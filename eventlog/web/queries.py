@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import _core, _sql
-from .._core import Event, Lane, Plan, ReadCursor, Row, Stmt
+from .._core import Event, Lane, Plan, ReadCursor, Row, Stmt, parse_whole
 from .._deadletter import DeadLetter
 from .._tail import NEVER
 from ..errors import InvalidArgument
@@ -270,9 +270,10 @@ def dead_letter_cursor(e: DeadLetter) -> str:
 
 def parse_dead_letter_cursor(text: str) -> tuple[int, str]:
     ms, sep, ident = text.partition("-")
-    if not sep or not ms.isdigit() or len(ident) != 12:
+    at_ms = parse_whole(ms)
+    if not sep or at_ms is None or at_ms < 0 or len(ident) != 12:
         raise InvalidArgument(f"invalid cursor {text!r}: pass back a next_cursor unchanged")
-    return int(ms), ident
+    return at_ms, ident
 
 
 def page_dead_letters(

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 
 from .. import _core, _times
 from .._async import AsyncLog, AsyncWaiter
-from .._core import Event
+from .._core import Event, parse_whole
 from ..errors import EventlogError, InvalidArgument
 from . import queries
 from .auth import Receive, Scope, Send, send_json_error
@@ -129,18 +129,17 @@ def parse_request(query_string: bytes, last_event_id: str | None) -> StreamReque
     from_values = [v for k, v in pairs if k == "from"]
     resume: int | None = None
     if after_values:
-        text = after_values[-1].strip()
-        if not text.isdigit() or len(text) > 18:
+        resume = parse_whole(after_values[-1])
+        if resume is None or resume < 0:
             raise InvalidArgument(f"invalid after {after_values[-1]!r}: use an offset (0 or more)",
                                   hint="after=N starts with the event after offset N")  # fmt: skip
-        resume = int(text)
     start: str | int | datetime = "latest"
     if from_values:
         start = _times.parse_start(from_values[-1])
-    if last_event_id is not None:
-        text = last_event_id.strip()
-        if text.isdigit() and len(text) <= 18:
-            resume = int(text)
+    if last_event_id is not None:  # one that is not an offset is ignored
+        offset = parse_whole(last_event_id)
+        if offset is not None and offset >= 0:
+            resume = offset
     return StreamRequest(patterns, start, resume)
 
 
