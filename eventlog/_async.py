@@ -58,6 +58,11 @@ FAST_BATCH_MAX = 64
 INLINE_PER_STEP = 32
 
 
+def _drop_prepared(done: asyncio.Future[_deadletter.Rewrite]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().drop()
+
+
 def _nothing(conn: sqlite3.Connection) -> None:
     """A job for the worker whose only effect is that every job queued before it has run."""
 
@@ -131,6 +136,10 @@ class AsyncLog:
                 "this aiosqlite lacks Connection._execute",
                 hint="install an aiosqlite release between 0.17 and 0.22",
             )
+        # A log never closed must not keep the interpreter from exiting (aiosqlite's thread
+        # is not a daemon): ended there, it is a process dying mid-call, which SQLite's
+        # journal covers and which no append that returned can be part of.
+        aconn._thread.daemon = True
         try:
             await aconn  # on failure aiosqlite stops its own thread
         except BaseException:
@@ -167,9 +176,12 @@ class AsyncLog:
         self._closed = True
         if os.getpid() != self._pid:
             return  # nothing of the parent's may be touched in a child
-        if self._writer is not None:
+        # Tasks of an earlier event loop (the log used under one asyncio.run, closed under
+        # another) can no longer run: there is nothing to wait for.
+        loop = asyncio.get_running_loop()
+        if self._writer is not None and self._writer.get_loop() is loop:
             await asyncio.shield(self._writer)
-        if self._finishing is not None:
+        if self._finishing is not None and self._finishing.get_loop() is loop:
             await asyncio.gather(self._finishing, return_exceptions=True)
         if self._checkpointer.running:  # its thread may be inside a checkpoint: a few ms
             await asyncio.to_thread(self._checkpointer.close)
@@ -688,9 +700,27 @@ class AsyncLog:
         )
         if dry_run or not chosen:
             return chosen
-        marks = await asyncio.to_thread(
-            _deadletter.prepare_requeue_marks, file, {e.id for e in chosen}, _core.now_ms()
+        preparing = asyncio.ensure_future(
+            asyncio.to_thread(
+                _deadletter.prepare_requeue_marks, file, {e.id for e in chosen}, _core.now_ms()
+            )
         )
+        try:
+            marks = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            # The thread goes on: what it prepares (the file's lock, a temporary file) is
+            # dropped when it is done, or no one could rewrite the file again.
+            preparing.add_done_callback(_drop_prepared)
+            raise
+        # Shielded: a caller cancelled now leaves the requests and the marks to be made
+        # together (or neither), as an append whose caller was cancelled may still commit.
+        finishing = asyncio.ensure_future(self._requeue_prepared(marks))
+        self._wakers.add(finishing)
+        finishing.add_done_callback(self._wakers.discard)
+        await asyncio.shield(finishing)
+        return marks.changed
+
+    async def _requeue_prepared(self, marks: _deadletter.Rewrite) -> None:
         with marks:
             if marks.changed:  # under the file's lock: what another requeue did not take
                 await self.run(
@@ -698,7 +728,6 @@ class AsyncLog:
                 )
             await asyncio.to_thread(marks.commit)
         self.notify()
-        return marks.changed
 
     async def purge_dead_letters(
         self,

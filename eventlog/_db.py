@@ -22,6 +22,7 @@ from ._locks import FileLock, QueuedLock
 from .errors import (
     EventlogError,
     InvalidArgument,
+    LogForked,
     NotAnEventlogDatabase,
     SchemaTooNew,
     StorageError,
@@ -171,6 +172,7 @@ def connect(
     create=False a missing file is an error, never a new empty database."""
     if durability not in ("full", "normal"):
         raise InvalidArgument(f"durability must be 'full' or 'normal', got {durability!r}")
+    refuse_if_forked(paths)
     try:
         if read_only or not create:
             conn = sqlite3.connect(
@@ -185,6 +187,7 @@ def connect(
             )  # fmt: skip
     except sqlite3.Error as exc:
         raise translate(exc) from exc
+    conn.note_open(paths.db)
     # At `full` SQLite itself runs at NORMAL and the WAL is fsynced after the write lock is let
     # go (see LogConnection): with SQLite's FULL the fsync sat inside the lock, and writers
     # in other processes waited for it in turn.
@@ -231,11 +234,66 @@ class LogConnection(sqlite3.Connection):
                             db, exc)  # fmt: skip
                 self.execute("PRAGMA synchronous = FULL").fetchall()
 
+    _opened: tuple[tuple[int, int], int] | None = None  # (database file id, pid)
+
+    def note_open(self, db: Path) -> None:
+        try:
+            file_id = database_file_id(db)
+        except OSError:
+            return  # gone already: the next statement says so
+        self._opened = (file_id, os.getpid())
+        with _OPEN_LOCK:
+            _OPEN_FILES[file_id] = _OPEN_FILES.get(file_id, 0) + 1
+
     def close(self) -> None:
         wal, self.wal = self.wal, None
         if wal is not None:
             wal.close()
+        opened, self._opened = self._opened, None
+        if opened is not None and opened[1] == os.getpid():
+            with _OPEN_LOCK:
+                left = _OPEN_FILES.get(opened[0], 0) - 1
+                if left > 0:
+                    _OPEN_FILES[opened[0]] = left
+                else:
+                    _OPEN_FILES.pop(opened[0], None)
         super().close()
+
+
+# The databases this process has connections open to, by file id (device, inode), and those
+# a parent had open when it forked this process. SQLite keeps one lock table per process, by
+# file, and a child of fork() inherits the parent's entries with its connections (which it
+# must not close). A connection the child opened on such a file would believe its locks taken
+# while it holds none: another process could checkpoint and delete the WAL under it, and what
+# it then commits would be lost. So the child refuses such files (refuse_if_forked).
+_OPEN_FILES: dict[tuple[int, int], int] = {}
+_OPEN_LOCK = threading.Lock()
+_FORKED_WITH: set[tuple[int, int]] = set()
+
+
+def refuse_if_forked(paths: Paths) -> None:
+    if not _FORKED_WITH:
+        return
+    try:
+        file_id = database_file_id(paths.db)
+    except OSError:
+        return  # no such file: nothing inherited names it
+    if file_id in _FORKED_WITH:
+        raise LogForked(
+            f"this process is a child of fork(), and its parent had {paths.db} open: SQLite "
+            "keeps its locks per process, and a connection opened here would hold none, so "
+            "what it commits could be lost",
+            hint="open the log only after fork(), in processes whose parent has it closed: "
+            "multiprocessing's 'spawn' or 'forkserver' start method, gunicorn without "
+            "--preload (or open it in post_fork), or close the parent's log before forking",
+        )
+
+
+def _forked_with_open_files() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()  # a parent's thread may have held it: that thread is not here
+    _FORKED_WITH.update(_OPEN_FILES)
+    _OPEN_FILES.clear()
 
 
 class WalFile:
@@ -544,7 +602,14 @@ def _after_fork() -> None:
     _HELD_FOR_FORK.clear()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
+def _after_fork_in_child() -> None:
+    _after_fork()
+    _forked_with_open_files()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_in_child
+)
 
 
 class WouldBlock(Exception):

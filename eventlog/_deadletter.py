@@ -312,9 +312,10 @@ class Rewrite:
                 f"cannot rewrite the dead-letter file {self.path}: {exc}"
             ) from exc
         finally:
-            self._drop()
+            self.drop()
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
+        """Leave the file as it was: remove the temporary file, let the lock go."""
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
@@ -326,7 +327,7 @@ class Rewrite:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._drop()
+        self.drop()
 
 
 def select(

@@ -91,7 +91,17 @@ class FileLock:
                 got.set()
 
         threading.Thread(target=wait, name="eventlog-flock", daemon=True).start()
-        got.wait(timeout)
+        try:
+            got.wait(timeout)
+        except BaseException:
+            # Interrupted (Ctrl-C): the helper must not keep the lock for the process's life.
+            with mutex:
+                abandoned = True
+                taken = got.is_set()
+            if taken:
+                fcntl.flock(waiter, fcntl.LOCK_UN)
+                os.close(waiter)
+            raise
         with mutex:
             if not got.is_set():
                 abandoned = True

@@ -29,7 +29,15 @@ from ._core import (
 )
 from ._locks import QueuedLock
 from ._wake import WakeListener, WakeSender
-from .errors import EventlogError, GroupBusy, InvalidArgument, LogClosed, NotFound, StorageError
+from .errors import (
+    EventlogError,
+    GroupBusy,
+    InvalidArgument,
+    LogClosed,
+    LogForked,
+    NotFound,
+    StorageError,
+)
 
 log = logging.getLogger("eventlog")
 
@@ -140,8 +148,8 @@ class DatabaseWatch:
 class SyncLog:
     """The event log, blocking API. Open with `eventlog.open_sync(path)`.
 
-    Safe to share between threads (calls are serialised). After fork() the child reopens its
-    own connection on first use; the parent's handles are left untouched.
+    Safe to share between threads (calls are serialised). In a child of fork() it raises
+    LogForked and leaves the parent's handles untouched (see _db.refuse_if_forked).
     """
 
     def __init__(
@@ -178,6 +186,7 @@ class SyncLog:
 
     def _open_handles(self) -> None:
         self._pid = os.getpid()
+        self._forgotten = False  # in a child of fork(): the parent's handles were let go
         self._conn = _db.connect(
             self.paths, durability=self.durability, busy_timeout_ms=self._busy_ms,
             check_same_thread=False,
@@ -203,9 +212,15 @@ class SyncLog:
         if self._closed:
             raise LogClosed(f"the log {self.paths.db} is closed")
         if os.getpid() != self._pid:
-            self._forget_parents_handles()
-            self._cache = TopicCache()
-            self._open_handles()
+            if not self._forgotten:
+                self._forgotten = True
+                self._forget_parents_handles()
+            # Reopening here would share SQLite's lock table with the parent's connection
+            # (see _db.refuse_if_forked).
+            raise LogForked(
+                f"this SyncLog of {self.paths.db} was opened before fork(); its connection "
+                "belongs to the parent"
+            )
 
     def run(self, plan: Plan[T], mode: Mode) -> T:
         """Drive a plan on this log's connection (used by the CLI and consumer tools)."""
@@ -554,8 +569,13 @@ class SyncLog:
                 return
             self._closed = True
             if os.getpid() != self._pid:
-                self._forget_parents_handles()
+                if not self._forgotten:
+                    self._forgotten = True
+                    self._forget_parents_handles()
                 return
+            # Wake this log's own waiters (wait_for, follow) in other threads: they find it
+            # closed at their next look, where they would wait for another process's commit.
+            self._wake.notify()
             self._close_handles()
 
     def __enter__(self) -> SyncLog:
@@ -597,7 +617,9 @@ class _SyncWaiter:
     def __init__(self, paths: _db.Paths, durability: _db.Durability, busy_ms: int) -> None:
         self.listener = WakeListener(paths.wake_folder)
         try:
-            conn = _db.connect(paths, durability=durability, busy_timeout_ms=busy_ms)
+            # Not tied to this thread: a follow iterator may go on in another one.
+            conn = _db.connect(paths, durability=durability, busy_timeout_ms=busy_ms,
+                               check_same_thread=False)  # fmt: skip
             self.watch = DatabaseWatch(paths, conn)
         except BaseException:
             self.listener.close()

@@ -83,7 +83,10 @@ class LogClosed(EventlogError, RuntimeError):
 
 
 class LogForked(EventlogError, RuntimeError):
-    hint = "open a new log in the child process after fork()"
+    hint = (
+        "open logs after fork(), in processes whose parent has none of them open: "
+        "multiprocessing's 'spawn' or 'forkserver' start method, gunicorn without --preload"
+    )
 
 
 class GroupBusy(EventlogError):
