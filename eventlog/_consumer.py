@@ -104,9 +104,9 @@ class _LaneRun:
     state: LaneState
     task: asyncio.Task[None]
     revoked: asyncio.Event = field(default_factory=asyncio.Event)
-    # Requeued events of this lane (dead-letter id -> event), handled by its loop between
+    # Requeued events of this lane (dead-letter id -> offset), handled by its loop between
     # batches: never beside the event in hand, never in another process (one owner per lane).
-    redeliveries: dict[str, Event] = field(default_factory=dict)
+    redeliveries: dict[str, int] = field(default_factory=dict)
 
 
 class _HandlerGate:
@@ -302,7 +302,8 @@ class Consumer:
             now = time.monotonic()
             if now >= next_rebalance:
                 await self._rebalance()
-                next_rebalance = now + REBALANCE_S
+                # From its end: a slow rebalance must still leave the loop to the lanes.
+                next_rebalance = time.monotonic() + REBALANCE_S
             remaining = max(0.0, next_rebalance - time.monotonic())
             if await waiter.wait(None, remaining, poll_s=REBALANCE_S):
                 self._wake_lanes()
@@ -632,12 +633,11 @@ class Consumer:
 
     async def _queue_redeliveries(self) -> None:
         """Hand requeued events to the lanes this member owns (see _LaneRun.redeliveries);
-        those of lanes owned elsewhere wait for their owner."""
+        those of lanes owned elsewhere wait for their owner. Reads requests only: a lane
+        reads its event when it comes to it."""
         queued = False
-        for event, offset, dead_letter_id in self._read_here(
-            _groups.redeliveries_plan(self.group, 1000)
-        ):
-            if event is None:
+        for offset, dead_letter_id, lane in self._read_here(_groups.redeliveries_plan(self.group)):
+            if lane is None:
                 # Pruned after the requeue (which refuses pruned events) was asked for.
                 log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
                             self.group, offset, dead_letter_id)  # fmt: skip
@@ -645,9 +645,9 @@ class Consumer:
                     _groups.done_redelivery_plan(self.group, offset, dead_letter_id)
                 )
                 continue
-            run = self._lanes.get((event.topic, event.partition))
+            run = self._lanes.get(lane)
             if run is not None and dead_letter_id not in run.redeliveries:
-                run.redeliveries[dead_letter_id] = event
+                run.redeliveries[dead_letter_id] = offset
                 queued = True
         if queued:
             self._wake_lanes()
@@ -656,8 +656,15 @@ class Consumer:
         """The lane's requeued events, oldest request first, each until it succeeds or is
         dead-lettered again; its request is dropped in the transaction that finishes it."""
         while run.redeliveries and not (self._stop.is_set() or revoked.is_set()):
-            dead_letter_id, event = next(iter(run.redeliveries.items()))
-            row = await self.log.run(_groups.event_attempt_plan(self.group, event.offset), "none")
+            dead_letter_id, offset = next(iter(run.redeliveries.items()))
+            event = await self.log.get(offset)
+            if event is None:  # pruned since it was queued
+                await self._run_write(
+                    _groups.done_redelivery_plan(self.group, offset, dead_letter_id)
+                )
+                del run.redeliveries[dead_letter_id]
+                continue
+            row = await self.log.run(_groups.event_attempt_plan(self.group, offset), "none")
             prior = int(row[0]) if row else 0
             if not await self._handle_carefully(
                 event, prior, None, revoked=revoked, redelivery=dead_letter_id

@@ -243,14 +243,14 @@ def finish_event_plan(
         yield Stmt(_sql.DONE_REDELIVERY, (group, event.offset, redelivery))
 
 
-def redeliveries_plan(group: str, limit: int) -> Plan[list[tuple[Event | None, int, str]]]:
-    rows = yield Stmt(_sql.PENDING_REDELIVERIES, (group, limit))
-    found = []
-    for offset, dead_letter_id in rows:
-        event_rows = yield Stmt(_sql.READ_EVENT, (offset,))
-        event = row_to_event(event_rows[0]) if event_rows else None
-        found.append((event, int(offset), str(dead_letter_id)))
-    return found
+def redeliveries_plan(group: str) -> Plan[list[tuple[int, str, Lane | None]]]:
+    """The group's pending requests: (offset, dead-letter id, the event's lane; None if the
+    event was pruned)."""
+    rows = yield Stmt(_sql.PENDING_REDELIVERIES, (group,))
+    return [
+        (int(offset), str(dead_letter_id), None if topic is None else (str(topic), int(partition)))
+        for offset, dead_letter_id, topic, partition in rows
+    ]
 
 
 def done_redelivery_plan(group: str, offset: int, dead_letter_id: str) -> Plan[None]:

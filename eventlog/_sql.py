@@ -220,9 +220,12 @@ REQUEST_REDELIVERY = (
     " SET dead_letter_id = excluded.dead_letter_id, requested_at = excluded.requested_at"
 )
 EVENT_EXISTS = "SELECT 1 FROM eventlog_events WHERE id = ?"
+# A group's pending requests with their events' lanes (NULL: pruned), without payloads: read
+# at every rebalance, where a member takes those of its own lanes.
 PENDING_REDELIVERIES = (
-    "SELECT event_offset, dead_letter_id FROM eventlog_redeliveries WHERE group_name = ?"
-    " ORDER BY event_offset LIMIT ?"
+    "SELECT r.event_offset, r.dead_letter_id, e.topic, e.partition"
+    " FROM eventlog_redeliveries r LEFT JOIN eventlog_events e ON e.id = r.event_offset"
+    " WHERE r.group_name = ? ORDER BY r.event_offset"
 )
 DONE_REDELIVERY = (
     "DELETE FROM eventlog_redeliveries"
