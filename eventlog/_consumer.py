@@ -376,8 +376,7 @@ class Consumer:
             while not (self._stop.is_set() or revoked.is_set()):
                 if run_ is not None and run_.redeliveries:
                     if pending is not None:  # commit what was handled before going back
-                        keep = state.crashed_to is not None and pending < state.crashed_to
-                        await self._run_write(_groups.commit_plan(self.group, state, pending, keep))
+                        await self._commit_handled(state, pending)
                         pending = None
                     await self._redeliver(run_, revoked)
                     continue
@@ -395,13 +394,17 @@ class Consumer:
                     pending = await self._handle_batch(state, batch, revoked)
         finally:
             if pending is not None or state.crashed_to is None:
-                # Leaving gracefully: commit what was handled; the marker goes unless we are
-                # still inside a crashed range the next owner must treat with care.
-                keep = state.crashed_to is not None and (pending or 0) < state.crashed_to
-                await asyncio.shield(self.log.run(
-                    _groups.commit_plan(self.group, state, pending or state.position, keep),
-                    "write",
-                ))  # fmt: skip
+                # Leaving gracefully: commit what was handled.
+                await self._commit_handled(state, pending)
+
+    async def _commit_handled(self, state: LaneState, pending: int | None) -> None:
+        """Commit the lane past what was handled (`pending`, None: nothing new); the in-flight
+        marker goes unless we are still inside a crashed range the next owner must treat
+        with care."""
+        keep = state.crashed_to is not None and (pending or 0) < state.crashed_to
+        await self._run_write(
+            _groups.commit_plan(self.group, state, pending or state.position, keep)
+        )
 
     async def _handle_batch(
         self, state: LaneState, batch: _groups.Batch, revoked: asyncio.Event
@@ -638,12 +641,7 @@ class Consumer:
         queued = False
         for offset, dead_letter_id, lane in self._read_here(_groups.redeliveries_plan(self.group)):
             if lane is None:
-                # Pruned after the requeue (which refuses pruned events) was asked for.
-                log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
-                            self.group, offset, dead_letter_id)  # fmt: skip
-                await self._run_write(
-                    _groups.done_redelivery_plan(self.group, offset, dead_letter_id)
-                )
+                await self._drop_pruned_request(offset, dead_letter_id)
                 continue
             run = self._lanes.get(lane)
             if run is not None and dead_letter_id not in run.redeliveries:
@@ -652,16 +650,20 @@ class Consumer:
         if queued:
             self._wake_lanes()
 
+    async def _drop_pruned_request(self, offset: int, dead_letter_id: str) -> None:
+        # Pruned after the requeue (which refuses pruned events) was asked for.
+        log.warning("%s: requeued event %d (dead letter %s) was pruned; dropped",
+                    self.group, offset, dead_letter_id)  # fmt: skip
+        await self._run_write(_groups.done_redelivery_plan(self.group, offset, dead_letter_id))
+
     async def _redeliver(self, run: _LaneRun, revoked: asyncio.Event) -> None:
         """The lane's requeued events, oldest request first, each until it succeeds or is
         dead-lettered again; its request is dropped in the transaction that finishes it."""
         while run.redeliveries and not (self._stop.is_set() or revoked.is_set()):
             dead_letter_id, offset = next(iter(run.redeliveries.items()))
             event = await self.log.get(offset)
-            if event is None:  # pruned since it was queued
-                await self._run_write(
-                    _groups.done_redelivery_plan(self.group, offset, dead_letter_id)
-                )
+            if event is None:
+                await self._drop_pruned_request(offset, dead_letter_id)
                 del run.redeliveries[dead_letter_id]
                 continue
             row = await self.log.run(_groups.event_attempt_plan(self.group, offset), "none")

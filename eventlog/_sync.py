@@ -203,7 +203,10 @@ class SyncLog:
         self._conn.close()
 
     def _forget_parents_handles(self) -> None:
-        """In a child of fork(): let go of the parent's handles without touching them."""
+        """In a child of fork(): let go of the parent's handles without touching them (once)."""
+        if self._forgotten:
+            return
+        self._forgotten = True
         _db.ABANDONED.append(self._conn)
         self._checkpointer.close()  # in a child this only forgets it
         self._write_lock.close()  # in a child this only forgets the descriptor
@@ -212,9 +215,7 @@ class SyncLog:
         if self._closed:
             raise LogClosed(f"the log {self.paths.db} is closed")
         if os.getpid() != self._pid:
-            if not self._forgotten:
-                self._forgotten = True
-                self._forget_parents_handles()
+            self._forget_parents_handles()
             # Reopening here would share SQLite's lock table with the parent's connection
             # (see _db.refuse_if_forked).
             raise LogForked(
@@ -569,9 +570,7 @@ class SyncLog:
                 return
             self._closed = True
             if os.getpid() != self._pid:
-                if not self._forgotten:
-                    self._forgotten = True
-                    self._forget_parents_handles()
+                self._forget_parents_handles()
                 return
             # Wake this log's own waiters (wait_for, follow) in other threads: they find it
             # closed at their next look, where they would wait for another process's commit.
