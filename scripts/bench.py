@@ -432,6 +432,43 @@ def fig_single_sync(ctx: Ctx) -> list[Sample]:
     return [Sample(f"single_sync.{d}", label, "ev/s", o, r, Target("ratio", 0.7))]
 
 
+def floor_single(path: Path, payloads: list[dict[str, Any]]) -> float:
+    """The floor of a durable one-event append on eventlog's schema: its own INSERT committed
+    at NORMAL, then one fdatasync of the WAL, and nothing else (no lock, note, wake-up or
+    checks). No implementation of the same schema and guarantee can be faster."""
+    with open_sync(path, "normal") as log:
+        log.append(TOPIC, {"warm": True})  # the schema and the topic
+    conn = sqlite3.connect(path, isolation_level=None)
+    wal = -1
+    try:
+        for pragma in _sql.PRAGMAS:
+            conn.execute(pragma.format(busy_timeout_ms=BUSY_TIMEOUT_MS, synchronous="NORMAL"))
+        wal = os.open(f"{path}-wal", os.O_RDWR)
+        insert = _sql.INSERT_EVENT[0]  # no key, no headers
+        gc.collect()
+        t0 = time.perf_counter()
+        for p in payloads:
+            conn.execute(insert, (TOPIC, 0, json.dumps(p), now_ms()))
+            os.fdatasync(wal)
+        return rate(len(payloads), time.perf_counter() - t0)
+    finally:
+        if wal >= 0:
+            os.close(wal)
+        conn.close()
+
+
+def fig_single_floor(ctx: Ctx) -> list[Sample]:
+    payloads = make_payloads(ctx.sizes.single_full)
+    o, r = paired(
+        ctx,
+        lambda: floor_single(ctx.fresh("floor") / "log.db", payloads),
+        lambda: raw_single(ctx.fresh("raw") / "raw.db", "full", payloads),
+    )
+    label = "floor: eventlog's INSERT + one fdatasync [full]"
+    note = "no target: what any one-at-a-time append at full on this schema can reach"
+    return [Sample("single_floor.full", label, "ev/s", o, r, None, note)]
+
+
 def fig_single_async(ctx: Ctx) -> list[Sample]:
     d = ctx.durability
     payloads = make_payloads(single_count(ctx))
@@ -1438,6 +1475,7 @@ def fig_redis(ctx: Ctx) -> list[PeerSample]:
 
 BOTH: tuple[Durability, ...] = ("full", "normal")
 ONCE: tuple[Durability, ...] = ("normal",)  # durability does not apply; run once
+FULL_ONLY: tuple[Durability, ...] = ("full",)
 
 
 @dataclass(frozen=True)
@@ -1463,6 +1501,13 @@ FIGURES: list[Figure] = [
         fig_single_sync,
         "SyncLog.append, one event per call",
         "one autocommit INSERT per event",
+    ),
+    Figure(
+        "single_floor",
+        fig_single_floor,
+        "its own INSERT at NORMAL + one fdatasync of the WAL per event, nothing else",
+        "one autocommit INSERT per event at FULL",
+        FULL_ONLY,
     ),
     Figure(
         "single_async",
