@@ -4,6 +4,7 @@ file beside it, while producers and consumers keep writing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from . import _db, _deadletter, _sql
 from ._locks import FileLock
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotAnEventlogDatabase
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,17 @@ def backup(
         )
     if not target.db.parent.is_dir():
         raise InvalidArgument(f"folder {target.db.parent} does not exist")
-    if target.db.exists() and not overwrite:
-        raise InvalidArgument(
-            f"{target.db} already exists",
-            hint="choose a new file name, or pass --force to replace it",
-        )
+    for existing in (target.db, target.deadletter):
+        if existing.exists() and not overwrite:
+            raise InvalidArgument(
+                f"{existing} already exists",
+                hint="choose a new file name, or pass --force to replace it",
+            )
+    if not paths.db.is_file() or paths.db.stat().st_size == 0 or \
+            _db.probe_schema_version(paths) == 0:  # fmt: skip
+        # connect() below would switch it to WAL: a file that is not a log stays as it is
+        raise NotAnEventlogDatabase(f"{paths.db} is not an eventlog database",
+                                    hint="check --db or $EVENTLOG_DB")  # fmt: skip
     started = time.monotonic()
     tmp = target.db.with_name(f".{target.db.name}.tmp-{os.getpid()}")
     source = _db.connect(paths, durability="full", busy_timeout_ms=10_000)
@@ -91,15 +98,21 @@ def backup(
     finally:
         source.close()
     copied = None
-    lock = FileLock(paths.deadletter_lock)
+    # A database nothing has opened here (a backup itself) has no sidecar folder, so no
+    # process can be writing its dead letters: there is no lock to take.
+    lock = FileLock(paths.deadletter_lock) if paths.sidecar.is_dir() else None
     try:
-        with lock:
+        with lock if lock is not None else contextlib.nullcontext():
             if paths.deadletter.exists():
                 shutil.copyfile(paths.deadletter, target.deadletter)
                 os.chmod(target.deadletter, 0o600)
                 copied = target.deadletter
+            else:
+                # what a replaced backup left beside DEST belongs to another log
+                target.deadletter.unlink(missing_ok=True)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
     _deadletter.fsync_folder(target.db.parent)
     return BackupResult(paths.db, target.db, target.db.stat().st_size, pages, copied,
                         time.monotonic() - started)  # fmt: skip

@@ -139,10 +139,36 @@ def prepare_files(paths: Paths, *, create: bool) -> None:
             f"{paths.db} is an empty file, not an eventlog database",
             hint="make it a log with 'eventlog init'",
         )
+    elif paths.db.is_file() and probe_schema_version(paths) == 0 and not create:
+        # The probe fails on a file that is not SQLite, before the sidecar folder is made: a
+        # wrong --db leaves no trace. Nor may an application's SQLite file become a log but
+        # by `init` (or an open with create=True, as the outbox does): that switches it to WAL
+        # and adds our tables.
+        raise NotAnEventlogDatabase(
+            f"{paths.db} is an SQLite database without eventlog's tables",
+            hint="check the path; to make it a log as well, run 'eventlog init' on it",
+        )
     try:
         paths.make_sidecar()
     except OSError as exc:
         raise translate(exc) from exc
+
+
+def probe_schema_version(paths: Paths, busy_timeout_ms: int = 10_000) -> int:
+    """The schema version of an existing file (0: no eventlog schema), read through a plain
+    connection that changes nothing: no journal mode switch, no tables."""
+    refuse_if_forked(paths)
+    try:
+        conn = sqlite3.connect(f"{paths.db.as_uri()}?mode=rw", uri=True, isolation_level=None,
+                               timeout=busy_timeout_ms / 1000)  # fmt: skip
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+    try:
+        return schema_version(conn)
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+    finally:
+        conn.close()
 
 
 def check_open_options(durability: object, busy_timeout: object) -> int:

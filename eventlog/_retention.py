@@ -55,6 +55,10 @@ class LanePrune:
     events: int  # to delete (dry run) or deleted
     held_back: int  # events retention would delete that groups still need
     holds: list[Hold] = field(default_factory=list)
+    # with force: the groups (and requeued dead letters) whose unhandled events go anyway,
+    # and how many of those events there are: their consumers will never see them
+    overridden: list[Hold] = field(default_factory=list)
+    unhandled: int = 0
 
 
 @dataclass
@@ -70,6 +74,10 @@ class PruneReport:
     @property
     def held_back(self) -> int:
         return sum(lane.held_back for lane in self.lanes)
+
+    @property
+    def unhandled(self) -> int:
+        return sum(lane.unhandled for lane in self.lanes)
 
 
 def _keep_last_bound_plan(topic: str, partitions: int, keep: int) -> Plan[int | None]:
@@ -170,9 +178,15 @@ def prune_survey_plan(retention: Retention, force: bool) -> Plan[list[LanePrune]
             wanted_count = yield from _count_upto_plan(lane, bound)
             if wanted_count == 0:
                 continue
-            holds = [] if force else _lane_holds(p, bound, positions, redeliveries)
+            holds = _lane_holds(p, bound, positions, redeliveries)
             upto = min([bound] + [h.position for h in holds])
             count = wanted_count if upto == bound else (yield from _count_upto_plan(lane, upto))
+            if force:
+                # deleted all the same, and said: nothing else tells those groups
+                lanes.append(LanePrune(lane[0], p, bound, bound, wanted_count, 0, [],
+                                       holds if count < wanted_count else [],
+                                       wanted_count - count))  # fmt: skip
+                continue
             lanes.append(LanePrune(lane[0], p, upto, bound, count, wanted_count - count,
                                    holds if count < wanted_count else []))  # fmt: skip
     return lanes

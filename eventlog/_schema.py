@@ -4,11 +4,8 @@ without migrating it), and a plan that reads it. Applying migrations is `_db.mig
 
 from __future__ import annotations
 
-import sqlite3
-
 from . import _db, _sql
 from ._core import Plan, Stmt
-from .errors import translate
 
 
 def latest_schema_version() -> int:
@@ -18,14 +15,7 @@ def latest_schema_version() -> int:
 
 def schema_version_of(paths: _db.Paths) -> int:
     """The schema version of an existing file, read without migrating it (0: none)."""
-    conn = _db.connect(paths, durability="full", busy_timeout_ms=10_000)
-    try:
-        try:
-            return _db.schema_version(conn)
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
-    finally:
-        conn.close()
+    return _db.probe_schema_version(paths)
 
 
 def schema_version_plan() -> Plan[int]:

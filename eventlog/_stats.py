@@ -81,8 +81,13 @@ def lane_count_after_plan(lane: Lane, position: int, head: int | None) -> Plan[t
         rows = yield Stmt(_sql.COUNT_LANE_AFTER_CAPPED, (topic, partition, position, LAG_CAP))
         return int(rows[0][0]), True
     past_cap = int(rows[0][0])  # the (LAG_CAP + 1)-th event after position
-    density = (LAG_CAP + 1) / (past_cap - position)
-    return max(LAG_CAP + 1, round(density * (head - position))), False
+    # Measured from the lane's first event after position, not from position: the offsets
+    # between them hold none of its events (pruned, or taken by other topics before this
+    # one began), and counting them would spread the lane's events thin.
+    first = yield Stmt(_sql.LANE_OFFSET_FORWARD, (topic, partition, position, 0))
+    base = int(first[0][0]) - 1
+    density = (LAG_CAP + 1) / (past_cap - base)
+    return max(LAG_CAP + 1, round(density * (head - base))), False
 
 
 def stats_plan(now_ms: int) -> Plan[tuple[int, int, list[TopicStats], list[LaneLag]]]:

@@ -409,7 +409,9 @@ async def test_appenders_checkpoint_on_their_own_schedule(log: Any, db_path: Pat
     for i in range(3000):
         await log.append("t", {"i": i, "pad": "x" * 200})
     wal = os.path.getsize(f"{db_path}-wal")
-    assert wal < 8 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
+    # Below the backstop's 16 MiB with room for a checkpoint thread slowed by a busy machine
+    # (8.4 MiB seen with three test suites running beside this one).
+    assert wal < 12 * 2**20, f"the WAL grew to {wal / 2**20:.1f} MiB"
 
 
 @pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="the tally is shared in write.queue")

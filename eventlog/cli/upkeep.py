@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import _backup, _core, _db, _doctor, _retention, _stats, _times
+from .. import _backup, _core, _db, _doctor, _retention, _schema, _stats, _times
 from .._core import MAX_INT64
 from ..errors import EventlogError, NotAnEventlogDatabase
 from . import DbOption, DryRun, JsonOption, _open, _parse, _settings, _usage, app
@@ -138,6 +138,7 @@ def prune(
                    "held_by": [{"group": h.group, "position": h.position,
                                 "requeued": h.redelivery} for h in lane.holds],
                    "dry_run": dry_run})  # fmt: skip
+        _note_forced(report)
         return
     if report.lanes:
         _table(["TOPIC", "PARTITION", "UP TO", "WOULD DELETE" if dry_run else "DELETED",
@@ -153,6 +154,17 @@ def prune(
               f"{'s' if len(holders) != 1 else ''} {', '.join(holders)} "
               "ha" + ("ve" if len(holders) != 1 else "s") + " not handled them yet; "
               "see 'eventlog groups', or pass --force")  # fmt: skip
+    _note_forced(report)
+
+
+def _note_forced(report: "_retention.PruneReport") -> None:
+    if not report.unhandled:
+        return
+    groups = sorted({h.group for ln in report.lanes for h in ln.overridden})
+    verb = "would go" if report.dry_run else "went"
+    _note(f"warning: --force: {report.unhandled} of the events that {verb} had not been "
+          f"handled yet by group{'s' if len(groups) != 1 else ''} {', '.join(groups)}; "
+          "they will never be delivered to them")  # fmt: skip
 
 
 # -- checkpoint, backup, doctor -----------------------------------------------------------------
@@ -250,8 +262,17 @@ def doctor(
     """
     s = _settings(ctx, db, json_)
     try:
-        with _open(s) as log:
-            checks = _doctor.doctor(log, quick=quick, lag_warn=lag_warn)
+        # Opening a log migrates it: a file behind this eventlog is reported, not rewritten.
+        paths = _db.Paths.for_db(s.path)
+        version = _schema.schema_version_of(paths) if paths.db.is_file() else 0
+        latest = _schema.latest_schema_version()
+        if 0 < version < latest:
+            checks = [_doctor.Check("schema", "fail", f"version {version}, this eventlog has "
+                                    f"{latest}; nothing else was checked",
+                                    "back it up, then run 'eventlog migrate'")]  # fmt: skip
+        else:
+            with _open(s) as log:
+                checks = _doctor.doctor(log, quick=quick, lag_warn=lag_warn)
     except EventlogError as exc:
         checks = [_doctor.Check("database", "fail", str(exc), exc.hint)]
     for c in checks:
