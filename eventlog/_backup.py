@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import _db, _deadletter, _sql
 from ._locks import FileLock
-from .errors import InvalidArgument, NotAnEventlogDatabase
+from .errors import InvalidArgument, NotAnEventlogDatabase, translate
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,10 @@ def backup(
         for suffix in ("-wal", "-shm"):
             target.db.with_name(target.db.name + suffix).unlink(missing_ok=True)
         os.replace(tmp, target.db)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError | sqlite3.Error):
+            raise translate(exc) from exc  # a full or read-only destination
         raise
     finally:
         source.close()
@@ -104,8 +106,11 @@ def backup(
     try:
         with lock if lock is not None else contextlib.nullcontext():
             if paths.deadletter.exists():
-                shutil.copyfile(paths.deadletter, target.deadletter)
-                os.chmod(target.deadletter, 0o600)
+                try:
+                    shutil.copyfile(paths.deadletter, target.deadletter)
+                    os.chmod(target.deadletter, 0o600)
+                except OSError as exc:
+                    raise translate(exc) from exc
                 copied = target.deadletter
             else:
                 # what a replaced backup left beside DEST belongs to another log

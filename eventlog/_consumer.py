@@ -10,6 +10,7 @@ shared assignment, and takes or hands back lanes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -110,40 +111,51 @@ class _LaneRun:
 
 
 class _HandlerGate:
-    """Who may call a handler right now, process-wide.
+    """Who may call a handler right now, process-wide: one gate for every consumer of the
+    process, whatever its group, thread or event loop.
 
     Lanes call their handlers side by side (shared), except while an event's attempt is
     persisted and unresolved: that event's handler runs alone (exclusive). If the process dies
     then (a handler calling os._exit, a hard timeout, a kill), the death is charged to that
     event only. Without this, an event dying in one lane would charge the event in careful
-    hands in another lane on every restart, and dead-letter it with the poison.
+    hands in another lane on every restart, and dead-letter it with the poison; a process
+    running consumers of two groups is one process too, so the gate is not per consumer.
     Waiting exclusive callers go first, so careful work cannot starve.
     """
 
     def __init__(self) -> None:
+        self._mutex = threading.Lock()
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
-        self._changed = asyncio.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _notify(self) -> None:  # with the mutex held
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_resolve, fut)
 
-    async def _until(self, ready: Callable[[], bool]) -> None:
-        while not ready():
-            await self._changed.wait()
+    def _wait_slot(self) -> asyncio.Future[None]:  # with the mutex held
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((loop, fut))
+        return fut
 
     async def enter_shared(self) -> None:
-        # The common case takes no await and allocates nothing: one per handled event.
-        if self._exclusive or self._waiting:
-            await self._until(lambda: not self._exclusive and not self._waiting)
-        self._shared += 1
+        while True:
+            with self._mutex:
+                if not self._exclusive and not self._waiting:
+                    self._shared += 1
+                    return
+                fut = self._wait_slot()
+            await fut
 
     def leave_shared(self) -> None:
-        self._shared -= 1
-        if self._waiting:
-            self._notify()  # only an exclusive caller waits for shared ones to leave
+        with self._mutex:
+            self._shared -= 1
+            if self._waiting:
+                self._notify()  # only an exclusive caller waits for shared ones to leave
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
@@ -155,18 +167,54 @@ class _HandlerGate:
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        self._waiting += 1
+        with self._mutex:
+            self._waiting += 1
         try:
-            await self._until(lambda: not self._exclusive and not self._shared)
+            while True:
+                with self._mutex:
+                    if not self._exclusive and not self._shared:
+                        self._exclusive = True
+                        break
+                    fut = self._wait_slot()
+                await fut
         finally:
-            self._waiting -= 1
-            self._notify()
-        self._exclusive = True
+            with self._mutex:
+                self._waiting -= 1
+                self._notify()
         try:
             yield
         finally:
-            self._exclusive = False
-            self._notify()
+            with self._mutex:
+                self._exclusive = False
+                self._notify()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_GATE: tuple[int, _HandlerGate] | None = None
+_GATE_MUTEX = threading.Lock()
+
+
+def _process_gate() -> _HandlerGate:
+    """The gate of this process (a child of fork() starts a fresh one: what the parent's
+    threads had in hand is not the child's)."""
+    global _GATE
+    with _GATE_MUTEX:
+        if _GATE is None or _GATE[0] != os.getpid():
+            _GATE = (os.getpid(), _HandlerGate())
+        return _GATE[1]
+
+
+class StopConsumer(Exception):
+    """Raised by a handler that could not make its attempt for a reason outside the event (it
+    was stopped on purpose, its output went away): no attempt is counted, the event stays
+    unacknowledged, and the consumer stops."""
+
+
+_STOPPED: ErrorInfo = ("StopConsumer", "", "")  # what _call returns for it
 
 
 def _cancelled_in_handler(exc: asyncio.CancelledError) -> ErrorInfo:
@@ -229,7 +277,7 @@ class Consumer:
         self._rng = random.Random()
         self._membership: Membership | None = None
         self._failure: BaseException | None = None
-        self._gate = _HandlerGate()
+        self._gate = _process_gate()
         self._handler_is_async = inspect.iscoroutinefunction(handler or batch_handler)
         self._watched = self.config.hard_timeout is not None
         self._look: sqlite3.Connection | None = None
@@ -257,10 +305,11 @@ class Consumer:
         """Consume until stop() (or SIGINT/SIGTERM when handle_signals in the main thread)."""
         loop = asyncio.get_running_loop()
         if self.config.start == "latest":
-            # "latest" means the head when this member started, for every lane: a lane found
-            # later (a new topic matching a pattern) must not skip what it got before the
-            # next rebalance noticed it.
-            self._start = await self.log.head() + 1
+            # "latest" means the head when the group's first member started, for every lane
+            # and every member: a lane found later (a new topic matching a pattern) must not
+            # skip what it got before a rebalance noticed it, nor before a member joined.
+            head = await self.log.head()
+            self._start = await self._run_write(_groups.latest_start_plan(self.group, head))
         installed: list[signal.Signals] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -451,6 +500,8 @@ class Consumer:
                 done = event.offset
                 i += 1
                 continue
+            if error is _STOPPED:
+                break
             await self._run_write(_groups.record_failure_plan(self.group, event, 1, error, state))
             self.stats.failed_attempts += 1
             if not await self._handle_carefully(
@@ -502,6 +553,10 @@ class Consumer:
             async with self._gate.exclusive():
                 await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
                 error = await self._call(event, attempts, state)
+                if error is _STOPPED:
+                    # Its attempt was written before the run and stays counted, as a death
+                    # here would; no failure is recorded and it is not dead-lettered now.
+                    return False
                 if error is None:
                     await self._run_write(
                         _groups.finish_event_plan(self.group, event, state, redelivery)
@@ -579,6 +634,9 @@ class Consumer:
                 await self._invoke(self._batch_handler, [event])
         except asyncio.CancelledError as exc:
             return _cancelled_in_handler(exc)
+        except StopConsumer:
+            self.stop()
+            return _STOPPED
         except Exception as exc:
             return _error_info(exc)
         finally:

@@ -119,9 +119,19 @@ def check_filesystem(paths: Paths, allow_network_fs: bool) -> None:
 
 def prepare_files(paths: Paths, *, create: bool) -> None:
     """Create the database file owner-only before SQLite does (its -wal/-shm copy the mode)."""
-    if not paths.db.parent.is_dir():
+    try:
+        folder_ok = paths.db.parent.is_dir()
+        exists = paths.db.exists()
+        is_folder = exists and paths.db.is_dir()
+    except OSError as exc:  # a name too long, a loop of links, a folder we may not look in
+        raise InvalidArgument(f"cannot use {paths.db}: {exc.strerror or exc}",
+                              hint="check the database path (--db)") from exc  # fmt: skip
+    if not folder_ok:
         raise InvalidArgument(f"folder {paths.db.parent} does not exist")
-    if not paths.db.exists():
+    if is_folder:
+        raise InvalidArgument(f"{paths.db} is a directory, not a database file",
+                              hint="give the path of the database file itself")  # fmt: skip
+    if not exists:
         if not create:
             raise NotAnEventlogDatabase(
                 f"no database at {paths.db}", hint="create it with 'eventlog init'"

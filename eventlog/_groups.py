@@ -95,6 +95,16 @@ class Batch:
         return self._events
 
 
+def latest_start_plan(group: str, head: int) -> Plan[int]:
+    """Where `latest` starts the group's lanes that have no position: the head + 1 when its
+    first member started at latest, the same for every member (noted then, kept until the
+    group is deleted). A member that joins later must not skip what a topic created
+    meanwhile received; one member's own head would."""
+    yield Stmt(_sql.NOTE_GROUP_START, (group, head + 1, now_ms()))
+    rows = yield Stmt(_sql.GROUP_START, (group,))
+    return int(rows[0][0])
+
+
 def take_lane_plan(group: str, lane: Lane, start: str | int | datetime) -> Plan[LaneState]:
     """Read (or create at `start`) the group's position in a lane, and any crashed batch."""
     topic, partition = lane
@@ -342,4 +352,5 @@ def delete_group_plan(group: str) -> Plan[int]:
     yield Stmt(_sql.DELETE_GROUP_OFFSETS, (group,))
     yield Stmt(_sql.DELETE_GROUP_ATTEMPTS, (group,))
     yield Stmt(_sql.DELETE_GROUP_REDELIVERIES, (group,))
+    yield Stmt(_sql.DELETE_GROUP_START, (group,))
     return len(rows)

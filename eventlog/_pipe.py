@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from ._consumer import StopConsumer
 from ._core import Event
 from .errors import InvalidArgument, NotFound
 
@@ -42,6 +44,7 @@ class CommandHandler:
         self.failed = 0
         self._running: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
+        self._interrupted = False
 
     def __call__(self, event: Event) -> None:
         data = (json.dumps(event.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
@@ -69,14 +72,19 @@ class CommandHandler:
         def tee() -> None:
             assert proc.stderr is not None
             stream = proc.stderr
-            for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-                try:
-                    sys.stderr.buffer.write(chunk)
-                    sys.stderr.buffer.flush()
-                except (AttributeError, ValueError, OSError):
-                    pass
-                tail.extend(chunk)
-                del tail[: -self.STDERR_TAIL]
+            try:
+                for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
+                    try:
+                        sys.stderr.buffer.write(chunk)
+                        sys.stderr.buffer.flush()
+                    except (AttributeError, ValueError, OSError):
+                        pass
+                    tail.extend(chunk)
+                    del tail[: -self.STDERR_TAIL]
+            finally:
+                # Closed here, by the one reading it: a background process the command left
+                # behind may hold the pipe open long after the command exited.
+                stream.close()
 
         threads = [threading.Thread(target=feed, daemon=True),
                    threading.Thread(target=tee, daemon=True)]  # fmt: skip
@@ -88,25 +96,32 @@ class CommandHandler:
             except subprocess.TimeoutExpired:
                 self._kill(proc, signal.SIGKILL)
                 proc.wait()
-                for t in threads:
-                    t.join(5)
+                self._join(threads)
                 self._count(ok=False)
                 raise CommandFailed(
                     f"{self.argv[0]} ran longer than {self.timeout}s and was killed"
                 ) from None
-            for t in threads:
-                t.join(5)
+            self._join(threads)
         finally:
             with self._lock:
                 self._running.discard(proc)
-            if proc.stderr is not None:
-                proc.stderr.close()
+        if status != 0 and self._interrupted:
+            raise StopConsumer(f"{self.argv[0]} was stopped by a second Ctrl-C")
+        if status == -signal.SIGPIPE and _stdout_gone():
+            raise StopConsumer("the reader of eventlog's output went away")
         if status != 0:
             self._count(ok=False)
             said = tail.decode("utf-8", "replace").strip()
             how = f"was killed by signal {-status}" if status < 0 else f"exited with {status}"
             raise CommandFailed(f"{self.argv[0]} {how}" + (f": {said}" if said else ""))
         self._count(ok=True)
+
+    JOIN_S = 1.0  # for the rest of its stderr once the command exited
+
+    def _join(self, threads: Sequence[threading.Thread]) -> None:
+        # Bounded: a background process the command started may keep its pipes open.
+        for t in threads:
+            t.join(self.JOIN_S)
 
     def _count(self, *, ok: bool) -> None:
         with self._lock:
@@ -123,6 +138,17 @@ class CommandHandler:
     def interrupt(self) -> None:
         """Ask the running commands to stop (SIGTERM to their process groups)."""
         with self._lock:
+            self._interrupted = True
             running = list(self._running)
         for proc in running:
             self._kill(proc, signal.SIGTERM)
+
+
+def _stdout_gone() -> bool:
+    """Whether eventlog's stdout is a pipe whose reader has gone (`| head` ended)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -167,6 +167,12 @@ GROUP_LANES = (
     " FROM eventlog_group_offsets WHERE group_name = ? ORDER BY topic, partition"
 )
 DELETE_GROUP_OFFSETS = "DELETE FROM eventlog_group_offsets WHERE group_name = ?"
+NOTE_GROUP_START = (
+    "INSERT INTO eventlog_group_starts (group_name, start_offset, created_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (group_name) DO NOTHING"
+)
+GROUP_START = "SELECT start_offset FROM eventlog_group_starts WHERE group_name = ?"
+DELETE_GROUP_START = "DELETE FROM eventlog_group_starts WHERE group_name = ?"
 DELETE_GROUP_ATTEMPTS = "DELETE FROM eventlog_attempts WHERE group_name = ?"
 DELETE_GROUP_REDELIVERIES = "DELETE FROM eventlog_redeliveries WHERE group_name = ?"
 MIN_GROUP_POSITION = (

@@ -85,26 +85,6 @@ def _foreign_sqlite(path: Path) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("verb", [["stats"], ["topics"], ["doctor"], ["migrate"],
-                                  ["prune", "--keep-last", "0", "--dry-run"]])  # fmt: skip
-def test_verbs_other_than_init_leave_a_foreign_sqlite_file_as_it_is(
-    tmp_path: Path, verb: list[str]
-) -> None:
-    """Guarantee 7 (a foreign database file: a typed error, the file unchanged), and the rule
-    that only `init` makes a file a log: an application's SQLite file given as --db by
-    mistake must not be switched to WAL and filled with eventlog's tables."""
-    app = tmp_path / "app.db"
-    _foreign_sqlite(app)
-    before = digest(app)
-    out = cli(app, *verb)
-    assert out.returncode == 1, (out.stdout, out.stderr)
-    assert digest(app) == before
-    assert sql(app, "PRAGMA journal_mode") == [("delete",)]
-    assert [r[0] for r in sql(app, "SELECT name FROM sqlite_schema WHERE type = 'table'")] == [
-        "users"
-    ]
-
-
 def test_open_with_create_false_refuses_a_foreign_sqlite_file(tmp_path: Path) -> None:
     app = tmp_path / "app.db"
     _foreign_sqlite(app)

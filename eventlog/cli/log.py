@@ -48,7 +48,10 @@ def init(ctx: typer.Context, db: DbOption = None, json_: JsonOption = False) -> 
       EVENTLOG_DB=/var/lib/app/events.db eventlog init
     """
     s = _settings(ctx, db, json_)
-    existed = s.path.exists()
+    try:
+        existed = s.path.exists()
+    except OSError:
+        existed = False  # the open below says what is wrong with the path
     with _open(s, create=True) as log:
         version = log.run(_schema.schema_version_plan(), "read")
         path = log.paths.db
@@ -132,14 +135,20 @@ def _stdin_batches(limit: int) -> Iterator[list[tuple[int, bytes]]]:
         if batch:
             yield batch
         return
-    pending = b""
+    # The unfinished line is kept as a list of pieces: re-splitting one growing buffer on
+    # every read would make a long line quadratic.
+    pieces: list[bytes] = []
     while True:
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
+        *ends, rest = chunk.split(b"\n")
+        if ends:
+            ends[0] = b"".join([*pieces, ends[0]])
+            pieces = []
+        if rest:
+            pieces.append(rest)
+        for raw in ends:
             number += 1
             batch.append((number, raw))
             if len(batch) >= limit:
@@ -148,9 +157,9 @@ def _stdin_batches(limit: int) -> Iterator[list[tuple[int, bytes]]]:
         if batch and not select.select([fd], [], [], 0)[0]:
             yield batch
             batch = []
-    if pending:
+    if pieces:
         number += 1
-        batch.append((number, pending))
+        batch.append((number, b"".join(pieces)))
     if batch:
         yield batch
 
@@ -232,7 +241,14 @@ def append(
                         "the lines after it again",
                     ) from None
                 drafts.append(draft)
-            offsets = log.append_many(drafts)
+            try:
+                offsets = log.append_many(drafts)
+            except EventlogError:
+                first = batch[0][0]
+                kept = (f"the {appended} events before line {first} were appended (their "
+                        "offsets are printed)" if appended else "nothing was appended")  # fmt: skip
+                _note(f"lines from {first} on were not appended; {kept}")
+                raise
             appended += len(offsets)
             _print_offsets(s, topic, offsets)
 

@@ -104,6 +104,40 @@ async def test_a_new_group_starts_earliest_latest_at_an_offset_or_a_time(db: Pat
         assert (await run_new_group("g-time", moment))[0] == later
 
 
+async def test_latest_is_kept_for_the_group_and_forgotten_with_it(db: Path) -> None:
+    """`latest` is the head when the group's first member started, noted for the group: a
+    topic created while no member had found it yet is consumed from its start by whichever
+    member takes it later. Deleting the group forgets that start: started again at latest,
+    it begins at the head of then, not at its old start."""
+    async with eventlog.open(db) as log:
+        await log.append("orders.eu", {"before": True})
+
+        async def consume_latest() -> list[int]:
+            got, handle = collector()
+            consumer = log.consumer("g", "orders.*", handle, start="latest")
+            async with running(consumer):
+                await until(lambda: lane_row(db, "g", "orders.eu"), what="the lane taken")
+            return [e.offset for e in got]
+
+        assert await consume_latest() == []
+        created_later = [await log.append("orders.us", {"n": i}) for i in range(3)]
+        got, handle = collector()
+        consumer = log.consumer("g", "orders.*", handle, start="latest")
+        async with running(consumer):
+            await until(lambda: caught_up(db, "g", "orders.us"), what="orders.us consumed")
+        assert [e.offset for e in got] == created_later
+        await asyncio.to_thread(_delete_group, db, "g")
+        await log.append("orders.mx", {"before the new start": True})
+        assert await consume_latest() == []
+        assert lane_row(db, "g", "orders.mx") is not None
+        assert position(db, "g", "orders.mx") == await log.head()
+
+
+def _delete_group(db: Path, group: str) -> None:
+    with eventlog.open_sync(db) as log:
+        log.delete_group(group)
+
+
 def log_events_created(db: Path) -> list[int]:
     with raw(db) as conn:
         return [r[0] for r in conn.execute("SELECT created_at FROM eventlog_events ORDER BY id")]
