@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 import eventlog
-from eventlog import _db, _deadletter, _members, _stats, _times
+from eventlog import _db, _deadletter, _members, _stats, _sync, _times
 from eventlog._db import Paths, load_migrations
 from eventlog._locks import QueuedLock
 from eventlog.cli import app
@@ -978,6 +978,29 @@ def test_a_long_blocking_step_shows_progress_on_a_terminal_only(
     assert got == 7
     err = capsys.readouterr().err
     assert ("migrating" in err) is not json_out
+
+
+@pytest.mark.parametrize("verb", ["doctor", "checkpoint"])
+def test_doctor_and_checkpoint_show_progress_on_a_terminal(
+    db: Path, monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    """An integrity check or a checkpoint of a big file is one long statement: a bar that
+    says it is still going, as for a migration."""
+    from eventlog import _doctor
+    from eventlog.cli import _format
+
+    monkeypatch.setattr(_format, "_isatty", lambda stream: True)
+    monkeypatch.setattr(_format._Progress, "DELAY_S", 0.05)
+    slow = {"doctor": (_doctor, "doctor"), "checkpoint": (_sync.SyncLog, "checkpoint")}[verb]
+    real = getattr(*slow)
+
+    def slowly(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*slow, slowly)
+    run = ok(db, verb)
+    assert {"doctor": "checking", "checkpoint": "checkpointing"}[verb] in run.err, run
 
 
 def test_a_failing_blocking_step_raises_its_own_error() -> None:

@@ -11,7 +11,7 @@ from .. import _backup, _core, _db, _doctor, _retention, _schema, _stats, _times
 from .._core import MAX_INT64
 from ..errors import EventlogError, NotAnEventlogDatabase
 from . import DbOption, DryRun, JsonOption, _open, _parse, _settings, _usage, app
-from ._format import _emit, _note, _Progress, _table, _utc
+from ._format import _emit, _note, _Progress, _table, _utc, _while_running
 
 # -- stats --------------------------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ def checkpoint(ctx: typer.Context, db: DbOption = None, json_: JsonOption = Fals
     # fsyncs the database file either way.
     with _open(s, durability="normal") as log:
         before = _stats.file_sizes(log.paths)["wal"]
-        busy, pages, done = log.checkpoint()
+        busy, pages, done = _while_running(s, "checkpointing", log.checkpoint)
         after = _stats.file_sizes(log.paths)["wal"]
     if s.json:
         _emit({"busy": bool(busy), "wal_pages": pages, "checkpointed": done,
@@ -271,8 +271,10 @@ def doctor(
                                     f"{latest}; nothing else was checked",
                                     "back it up, then run 'eventlog migrate'")]  # fmt: skip
         else:
-            with _open(s) as log:
-                checks = _doctor.doctor(log, quick=quick, lag_warn=lag_warn)
+            with _open(s) as log:  # the integrity check reads every page: minutes on a big file
+                checks = _while_running(
+                    s, "checking", lambda: _doctor.doctor(log, quick=quick, lag_warn=lag_warn)
+                )
     except EventlogError as exc:
         checks = [_doctor.Check("database", "fail", str(exc), exc.hint)]
     for c in checks:
