@@ -54,6 +54,12 @@ def raw(db_path: str | os.PathLike[str], *, timeout: float = 5.0) -> Iterator[sq
         conn.close()
 
 
+def sql(db_path: str | os.PathLike[str], query: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """The rows of one statement, through a plain connection."""
+    with raw(db_path) as conn:
+        return conn.execute(query, params).fetchall()
+
+
 def dump(db_path: str | os.PathLike[str]) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every eventlog_ table, in a stable order."""
     with raw(db_path) as conn:

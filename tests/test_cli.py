@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sql
 from typer.testing import CliRunner
 
 import eventlog
@@ -68,14 +69,6 @@ def fails(code: int, db: Path | None, *args: Any, input: str | None = None) -> R
     if code == 1 and args[0] != "doctor":  # doctor reports on stdout, then exits 1
         assert any(line.startswith("error: ") for line in run.err.splitlines()), run
     return run
-
-
-def sql(db: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        return conn.execute(query, params).fetchall()
-    finally:
-        conn.close()
 
 
 def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:

@@ -13,19 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli
+from conftest import cli, sql
+from test_migrate import _version_one_file
 
 import eventlog
-from eventlog import _db, _deadletter, _retention, _sql, _stats
+from eventlog import _deadletter, _retention, _stats
 from eventlog._db import Paths
-
-
-def sql(db: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        return conn.execute(query, params).fetchall()
-    finally:
-        conn.close()
 
 
 def digest(path: Path) -> str:
@@ -185,22 +178,6 @@ def test_a_backup_over_an_old_one_does_not_keep_the_old_ones_dead_letters(tmp_pa
 
 
 # -- doctor ---------------------------------------------------------------------------------------
-
-
-def _version_one_file(db: Path) -> None:
-    migrations = _db.load_migrations()
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN")
-    conn.execute(_sql.CREATE_SCHEMA_TABLE)
-    for statement in _db.split_statements(migrations[0].sql):
-        conn.execute(statement)
-    conn.execute(_sql.RECORD_MIGRATION, (1, migrations[0].name, 0))
-    conn.execute("INSERT INTO eventlog_topics (name, partitions, created_at) VALUES ('t', 1, 0)")
-    conn.executemany("INSERT INTO eventlog_events (topic, partition, payload, created_at)"
-                     " VALUES ('t', 0, ?, 1000)", [(str(i),) for i in range(10)])  # fmt: skip
-    conn.execute("COMMIT")
-    conn.close()
 
 
 def test_doctor_reports_an_old_schema_instead_of_migrating_the_file_it_checks(
