@@ -569,7 +569,12 @@ class AsyncLog:
         try:
             cursor = await self.run(_core.open_cursor_plan(topics, start), "read")
             delivered = 0
+            last_event_at = time.monotonic()
             while limit is None or delivered < limit:
+                # Checked before every page, not only when idle: a reader told to stop while
+                # a backlog (or a busy stream) keeps its pages full would go on to its end.
+                if stop is not None and stop.is_set():
+                    return
                 # Lanes are looked up again with every page, in its transaction: a topic
                 # created since (matching a pattern) then merges in offset order. Looked up
                 # only after an idle wait, its events came after later ones of busy lanes.
@@ -580,8 +585,19 @@ class AsyncLog:
                     if limit is not None and delivered >= limit:
                         return
                 if events:
+                    last_event_at = time.monotonic()
                     continue
-                if waiter is None or not await waiter.wait(stop, idle_timeout):
+                if waiter is None:
+                    return
+                # idle_timeout counts from the last event delivered: a wake-up for another
+                # topic's commit (or any commit that brought nothing to this reader) must not
+                # start it over.
+                remaining = None
+                if idle_timeout is not None:
+                    remaining = idle_timeout - (time.monotonic() - last_event_at)
+                    if remaining <= 0:
+                        return
+                if not await waiter.wait(stop, remaining):
                     return
         finally:
             if waiter is not None:
@@ -615,13 +631,15 @@ class AsyncLog:
                 for event in events:
                     if match is None or match(event):
                         return WaitResult("received", event)
-                if events:
-                    continue
+                # Checked after every page, not only when idle: a backlog or a busy stream of
+                # events that do not match must not hold the caller past its timeout or cancel.
                 if cancel is not None and cancel.is_set():
                     return WaitResult("cancelled", None)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return WaitResult("timed_out", None)
+                if events:
+                    continue
                 if not await waiter.wait(cancel, remaining):
                     if cancel is not None and cancel.is_set():
                         return WaitResult("cancelled", None)

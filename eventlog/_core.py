@@ -710,8 +710,30 @@ def read_page_plan(cursor: ReadCursor, page: int, refresh_lanes: bool) -> Plan[l
             cursor.positions.setdefault(lane, 0)
     merged: list[Row] = []
     cutoff: int | None = None
-    for (topic, partition), position in cursor.positions.items():
-        rows = yield Stmt(_sql.READ_LANE_AFTER, (topic, partition, position, page))
+    lanes = list(cursor.positions.items())
+    if len(lanes) > 1:
+        # Lanes are read in the order of their next offset, each only up to the cutoff, and
+        # a lane whose next event lies past it is not read at all: lanes whose backlogs follow
+        # one another (topics filled one after the other) would otherwise each be read a full
+        # page per page delivered, and a replay over many of them would read the log over
+        # and over (quadratic in the number of lanes).
+        nexts = []
+        for lane, position in lanes:
+            rows = yield Stmt(_sql.LANE_NEXT_OFFSET, (*lane, position))
+            if rows:
+                nexts.append((int(rows[0][0]), lane, position))
+        nexts.sort(key=lambda n: n[0])
+        lanes = [(lane, position) for _, lane, position in nexts]
+        firsts = [first for first, _, _ in nexts]
+    else:
+        firsts = [0] * len(lanes)
+    for first, ((topic, partition), position) in zip(firsts, lanes, strict=True):
+        if cutoff is not None and first > cutoff:
+            break
+        if cutoff is None:
+            rows = yield Stmt(_sql.READ_LANE_AFTER, (topic, partition, position, page))
+        else:
+            rows = yield Stmt(_sql.READ_LANE_BETWEEN, (topic, partition, position, cutoff, page))
         if rows:
             merged.extend(rows)
             if len(rows) == page:

@@ -128,6 +128,16 @@ READ_LANE_AFTER = (
     f"SELECT {EVENT_COLUMNS} FROM eventlog_events"
     " WHERE topic = ? AND partition = ? AND id > ? ORDER BY id LIMIT ?"
 )
+# The same, bounded above: a reader merging lanes reads none past the page's cutoff.
+READ_LANE_BETWEEN = (
+    f"SELECT {EVENT_COLUMNS} FROM eventlog_events"
+    " WHERE topic = ? AND partition = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?"
+)
+# A lane's next offset after a position: one index seek.
+LANE_NEXT_OFFSET = (
+    "SELECT id FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ?"
+    " ORDER BY id LIMIT 1"
+)
 READ_EVENT = f"SELECT {EVENT_COLUMNS} FROM eventlog_events WHERE id = ?"
 LANE_HAS_AFTER = (
     "SELECT 1 FROM eventlog_events WHERE topic = ? AND partition = ? AND id > ? LIMIT 1"

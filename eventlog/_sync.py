@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import sqlite3
@@ -363,7 +364,12 @@ class SyncLog:
         try:
             cursor = self.run(_core.open_cursor_plan(topics, start), "read")
             delivered = 0
+            last_event_at = time.monotonic()
             while limit is None or delivered < limit:
+                # Checked before every page, not only when idle: a reader told to stop while
+                # a backlog (or a busy stream) keeps its pages full would go on to its end.
+                if stop is not None and stop.is_set():
+                    return
                 # Lanes are looked up again with every page, in its transaction: a topic
                 # created since (matching a pattern) then merges in offset order. Looked up
                 # only after an idle wait, its events came after later ones of busy lanes.
@@ -374,8 +380,19 @@ class SyncLog:
                     if limit is not None and delivered >= limit:
                         return
                 if events:
+                    last_event_at = time.monotonic()
                     continue
-                if waiter is None or not waiter.wait(stop, idle_timeout):
+                if waiter is None:
+                    return
+                # idle_timeout counts from the last event delivered: a wake-up for another
+                # topic's commit (or any commit that brought nothing to this reader) must not
+                # start it over.
+                remaining = None
+                if idle_timeout is not None:
+                    remaining = idle_timeout - (time.monotonic() - last_event_at)
+                    if remaining <= 0:
+                        return
+                if not waiter.wait(stop, remaining):
                     return
         finally:
             if waiter is not None:
@@ -408,13 +425,15 @@ class SyncLog:
                 for event in events:
                     if match is None or match(event):
                         return WaitResult("received", event)
-                if events:
-                    continue
+                # Checked after every page, not only when idle: a backlog or a busy stream of
+                # events that do not match must not hold the caller past its timeout or cancel.
                 if cancel is not None and cancel.is_set():
                     return WaitResult("cancelled", None)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return WaitResult("timed_out", None)
+                if events:
+                    continue
                 if not waiter.wait(cancel, remaining):
                     if cancel is not None and cancel.is_set():
                         return WaitResult("cancelled", None)
@@ -640,8 +659,11 @@ class _SyncWaiter:
                 if step <= 0:
                     return False
             if fd >= 0:
-                ready, _, _ = select.select([fd], [], [], step)
-                if ready:
+                # poll, not select: select refuses a descriptor past FD_SETSIZE (1024), which
+                # any process with many files or sockets open hands out.
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if poller.poll(math.ceil(step * 1000)):
                     self.listener.drain()
                     return True
             else:
