@@ -142,12 +142,21 @@ class _HandlerGate:
         self._waiters.append((loop, fut))
         return fut
 
-    async def enter_shared(self) -> None:
+    def poke(self) -> None:
+        """Wake every waiter to look again: a consumer stopping (or a lane revoked) must not
+        wait for another consumer's careful work to end before it can give up."""
+        with self._mutex:
+            self._notify()
+
+    async def enter_shared(self, give_up: Callable[[], bool] | None = None) -> bool:
+        """Take a shared slot; False (nothing taken) if `give_up()` while waiting."""
         while True:
             with self._mutex:
                 if not self._exclusive and not self._waiting:
                     self._shared += 1
-                    return
+                    return True
+                if give_up is not None and give_up():
+                    return False
                 fut = self._wait_slot()
             await fut
 
@@ -158,15 +167,8 @@ class _HandlerGate:
                 self._notify()  # only an exclusive caller waits for shared ones to leave
 
     @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        await self.enter_shared()
-        try:
-            yield
-        finally:
-            self.leave_shared()
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
+    async def exclusive(self, give_up: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """Alone; raises _GaveUp (nothing taken) if `give_up()` while waiting."""
         with self._mutex:
             self._waiting += 1
         try:
@@ -175,6 +177,8 @@ class _HandlerGate:
                     if not self._exclusive and not self._shared:
                         self._exclusive = True
                         break
+                    if give_up is not None and give_up():
+                        raise _GaveUp
                     fut = self._wait_slot()
                 await fut
         finally:
@@ -187,6 +191,10 @@ class _HandlerGate:
             with self._mutex:
                 self._exclusive = False
                 self._notify()
+
+
+class _GaveUp(Exception):
+    """A wait for the exclusive gate ended by a stop or a revocation."""
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -298,6 +306,7 @@ class Consumer:
         """Ask the consumer to finish the event in hand, commit, release its lanes and return."""
         self._stop.set()
         self._wake_lanes()
+        self._gate.poke()  # a lane waiting at the gate for another consumer gives up
         if self._waiter is not None:
             self._waiter.poke()
 
@@ -390,6 +399,7 @@ class Consumer:
         run = self._lanes.pop(lane)
         run.revoked.set()
         self._wake_lanes()
+        self._gate.poke()
         await asyncio.gather(run.task, return_exceptions=True)
         assert self._membership is not None
         self._membership.release(lane)
@@ -461,6 +471,10 @@ class Consumer:
         """Handle a batch in order; returns the last offset handled (None if none)."""
         done: int | None = None
         events = batch.events
+
+        def give_up() -> bool:
+            return self._stop.is_set() or revoked.is_set()
+
         singles_until = 0  # after a failed batch call, its events are retried one by one
         i = 0
         while i < len(events):
@@ -482,15 +496,22 @@ class Consumer:
                     run.append(events[j])
                     j += 1
                 if len(run) > 1:
-                    async with self._gate.shared():
+                    if not await self._gate.enter_shared(give_up):
+                        break
+                    try:
                         batch_error = await self._call_batch(run, state)
+                    finally:
+                        self._gate.leave_shared()
+                    if batch_error is _STOPPED:
+                        break
                     if batch_error is None:
                         done = run[-1].offset
                         i = j
                         continue
                     # the batch failed: retry its events alone to find the bad one
                     singles_until = run[-1].offset
-            await self._gate.enter_shared()
+            if not await self._gate.enter_shared(give_up):
+                break
             try:
                 error = await self._call(event, 1, state)
             finally:
@@ -547,28 +568,34 @@ class Consumer:
                                               self._rng)  # fmt: skip
                 if await _sleep_unless(self._stop, delay, revoked):
                     return False
-            attempts += 1
             # From the attempt's write to its outcome's, this handler runs alone (see
-            # _HandlerGate): a death meanwhile is this event's.
-            async with self._gate.exclusive():
-                await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
-                error = await self._call(event, attempts, state)
-                if error is _STOPPED:
-                    # Its attempt was written before the run and stays counted, as a death
-                    # here would; no failure is recorded and it is not dead-lettered now.
-                    return False
-                if error is None:
+            # _HandlerGate): a death meanwhile is this event's. A stop (or a revocation) while
+            # waiting for that turn gives up before the attempt is written.
+            try:
+                async with self._gate.exclusive(
+                    lambda: self._stop.is_set() or (revoked is not None and revoked.is_set())
+                ):
+                    attempts += 1
+                    await self._run_write(_groups.start_attempt_plan(self.group, event, attempts))
+                    error = await self._call(event, attempts, state)
+                    if error is _STOPPED:
+                        # Its attempt was written before the run and stays counted, as a
+                        # death here would; no failure is recorded, it is not dead-lettered.
+                        return False
+                    if error is None:
+                        await self._run_write(
+                            _groups.finish_event_plan(self.group, event, state, redelivery)
+                        )
+                        self.stats.handled += 1
+                        if credit and attempts > 1 and state is not None:
+                            state.settle_crash()  # it failed alone: it took the crashed run
+                        return True
+                    self.stats.failed_attempts += 1
                     await self._run_write(
-                        _groups.finish_event_plan(self.group, event, state, redelivery)
+                        _groups.record_failure_plan(self.group, event, attempts, error, state)
                     )
-                    self.stats.handled += 1
-                    if credit and attempts > 1 and state is not None:
-                        state.settle_crash()  # it failed alone: it took the crashed run
-                    return True
-                self.stats.failed_attempts += 1
-                await self._run_write(
-                    _groups.record_failure_plan(self.group, event, attempts, error, state)
-                )
+            except _GaveUp:
+                return False  # the gate was never taken: no attempt written, none counted
             log.warning("%s: %s[%d]@%d attempt %d failed: %s: %s", self.group, event.topic,
                         event.partition, event.offset, attempts, error[0], error[1])  # fmt: skip
 
@@ -650,6 +677,9 @@ class Consumer:
             await self._invoke(self._batch_handler, events)
         except asyncio.CancelledError as exc:
             return _cancelled_in_handler(exc)
+        except StopConsumer:
+            self.stop()
+            return _STOPPED
         except Exception as exc:
             return _error_info(exc)
         finally:

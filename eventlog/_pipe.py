@@ -107,7 +107,8 @@ class CommandHandler:
                 self._running.discard(proc)
         if status != 0 and self._interrupted:
             raise StopConsumer(f"{self.argv[0]} was stopped by a second Ctrl-C")
-        if status == -signal.SIGPIPE and _stdout_gone():
+        if status != 0 and _stdout_gone():
+            # killed by SIGPIPE, or failed on EPIPE where SIGPIPE is ignored (Python does)
             raise StopConsumer("the reader of eventlog's output went away")
         if status != 0:
             self._count(ok=False)
