@@ -587,16 +587,9 @@ class AsyncLog:
                 if events:
                     last_event_at = time.monotonic()
                     continue
-                if waiter is None:
+                remaining = _core.idle_left(idle_timeout, last_event_at)
+                if waiter is None or (remaining is not None and remaining <= 0):
                     return
-                # idle_timeout counts from the last event delivered: a wake-up for another
-                # topic's commit (or any commit that brought nothing to this reader) must not
-                # start it over.
-                remaining = None
-                if idle_timeout is not None:
-                    remaining = idle_timeout - (time.monotonic() - last_event_at)
-                    if remaining <= 0:
-                        return
                 if not await waiter.wait(stop, remaining):
                     return
         finally:

@@ -37,6 +37,15 @@ Plan: TypeAlias = Generator[Stmt, list[Row], T]
 Mode: TypeAlias = Literal["write", "read", "none"]
 
 
+def idle_left(idle_timeout: float | None, last_event_at: float) -> float | None:
+    """How long a follower may still wait for its next event (None: no limit; <= 0: its
+    idle_timeout has passed). Counted from the last event it delivered: a wake-up for another
+    topic's commit (or any commit that brought it nothing) must not start it over."""
+    if idle_timeout is None:
+        return None
+    return idle_timeout - (time.monotonic() - last_event_at)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
