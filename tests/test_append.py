@@ -429,7 +429,11 @@ def test_writers_in_step_checkpoint_on_the_pages_of_all_of_them(tmp_path: Path) 
     finally:
         for log in logs:
             log.close()
-    assert wal_pages < 2 * _db.CHECKPOINT_PAGES, f"the WAL grew to {wal_pages} pages"
+    # Counted apart, no writer's checkpoint is due before the WAL holds 4 * CHECKPOINT_PAGES.
+    # Shared, it is due at CHECKPOINT_PAGES; the room above that is for a checkpoint thread
+    # that a loaded machine lets miss a round or two (2,031 pages seen on a 2-core CI run).
+    # test_locks checks the tally itself without threads or timing.
+    assert wal_pages < 3 * _db.CHECKPOINT_PAGES, f"the WAL grew to {wal_pages} pages"
 
 
 def test_the_checkpoint_bulk_runs_on_its_own_thread_and_the_appender_finishes_it(
