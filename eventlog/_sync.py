@@ -689,4 +689,12 @@ def append_in_transaction(
             hint="run conn.execute('BEGIN IMMEDIATE') first, and commit after",
         )
     encoded = _core.encode_event(topic, payload, key, headers, dedupe_key, limits)
-    return _db.drive(conn, _core.append_plan([encoded], TopicCache()), "none")[0]
+    # A fresh cache per call (the transaction may roll back, and partition counts are per
+    # file), but one round robin for the process: per call, it would start at 0 every time.
+    cache = TopicCache(spread=_OUTBOX_SPREAD)
+    return _db.drive(conn, _core.append_plan([encoded], cache), "none")[0]
+
+
+# Keyless outbox events' round-robin counters, by topic. Shared by threads unguarded: two
+# calls at the same instant may pick the same partition, which only evens out later.
+_OUTBOX_SPREAD: dict[str, int] = {}

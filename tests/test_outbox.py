@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import collect, dump, events_by_offset, integrity, raw
+from conftest import collect, dump, events_by_offset, integrity, raw, sql
 
 import eventlog
 
@@ -141,3 +141,17 @@ async def test_outbox_event_commits_with_the_application_rows(log: Any, db_path:
     assert [item for _, item in orders] == [f"item-{i}" for i in range(0, 10, 2)]
     assert {stored[o][3]["order"] for o in stored} == {order_id for order_id, _ in orders}
     assert len(offsets) == 10
+
+
+async def test_keyless_outbox_events_spread_across_partitions(log: Any, db_path: Path) -> None:
+    # Each call is its own transaction, as an application's requests are: the round robin
+    # must carry over from one call to the next, or every keyless event lands in partition 0.
+    await log.create_topic("audit", 4)
+    with app_connection(db_path) as conn:
+        for i in range(40):
+            conn.execute("BEGIN IMMEDIATE")
+            eventlog.append_in_transaction(conn, "audit", {"i": i})
+            conn.execute("COMMIT")
+    counts = dict(sql(db_path, "SELECT partition, count(*) FROM eventlog_events GROUP BY 1"))
+    assert sorted(counts) == [0, 1, 2, 3], f"keyless outbox events by partition: {counts}"
+    assert min(counts.values()) >= 10
