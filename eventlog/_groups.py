@@ -347,6 +347,11 @@ def check_group_exists(log: SyncLog, group: str) -> None:
                        hint="list the groups with 'eventlog groups'")  # fmt: skip
 
 
+def group_names_plan() -> Plan[list[Row]]:
+    """The name of every group with a row anywhere in the file."""
+    return (yield Stmt(_sql.GROUP_NAMES))
+
+
 def delete_group_plan(group: str) -> Plan[int]:
     rows = yield Stmt(_sql.GROUP_LANES, (group,))
     yield Stmt(_sql.DELETE_GROUP_OFFSETS, (group,))

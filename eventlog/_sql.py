@@ -177,6 +177,14 @@ GROUP_LANES = (
     " FROM eventlog_group_offsets WHERE group_name = ? ORDER BY topic, partition"
 )
 DELETE_GROUP_OFFSETS = "DELETE FROM eventlog_group_offsets WHERE group_name = ?"
+# Every table a group leaves rows in: a file restored without its sidecar folder still knows
+# a group that only noted its start, or only has requeued dead letters waiting.
+GROUP_NAMES = (
+    "SELECT group_name FROM eventlog_group_offsets"
+    " UNION SELECT group_name FROM eventlog_group_starts"
+    " UNION SELECT group_name FROM eventlog_attempts"
+    " UNION SELECT group_name FROM eventlog_redeliveries"
+)
 NOTE_GROUP_START = (
     "INSERT INTO eventlog_group_starts (group_name, start_offset, created_at) VALUES (?, ?, ?)"
     " ON CONFLICT (group_name) DO NOTHING"

@@ -556,7 +556,7 @@ class SyncLog:
         return _members.list_members(self.paths, group)
 
     def group_names(self) -> list[str]:
-        known = {p.group for p in self.group_positions()}
+        known = {row[0] for row in self.run(_groups.group_names_plan(), "read")}
         return sorted(known | set(_members.list_groups(self.paths)))
 
     def delete_group(self, group: str) -> int:

@@ -5,6 +5,7 @@ move backwards, and wake-ups that are not lost between a read and the wait after
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import eventlog
-from eventlog import _async, _consumer, _core, _groups, _sql, _sync
+from eventlog import _async, _consumer, _core, _db, _groups, _sql, _sync
 from eventlog._groups import LaneState
 
 from .conftest import (
@@ -131,6 +132,29 @@ async def test_latest_is_kept_for_the_group_and_forgotten_with_it(db: Path) -> N
         assert await consume_latest() == []
         assert lane_row(db, "g", "orders.mx") is not None
         assert position(db, "g", "orders.mx") == await log.head()
+
+
+async def test_a_group_known_only_by_its_rows_is_listed_and_can_be_deleted(db: Path) -> None:
+    """A group's state lives in the file; its sidecar folder only in the directory beside it.
+    Restored from a backup (no sidecar), a group that noted its start but has no lane yet
+    must still be listed, and deletable, or its old start silently governs a new group of
+    the same name."""
+    async with eventlog.open(db) as log:
+        consumer = log.consumer("g", "orders.*", collector()[1], start="latest")
+        async with running(consumer):
+            await until(lambda: group_starts(db), what="the start noted")
+        await log.append("orders.eu", {"after the start": True})
+    shutil.rmtree(_db.Paths.for_db(db).sidecar / "groups")  # as a restored backup has none
+    with eventlog.open_sync(db) as log:
+        assert log.group_names() == ["g"]
+        log.delete_group("g")
+        assert log.group_names() == []
+    assert group_starts(db) == []
+
+
+def group_starts(db: Path) -> list[str]:
+    with raw(db) as conn:
+        return [r[0] for r in conn.execute("SELECT group_name FROM eventlog_group_starts")]
 
 
 def _delete_group(db: Path, group: str) -> None:
