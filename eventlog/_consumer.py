@@ -613,9 +613,15 @@ class Consumer:
         last_failed = row[2] if row else None
         if error is None:
             error = ("ProcessDied", "the process died while this event was being handled", "")
+        proposed = new_id()
         dead_letter_id = await self._run_write(
-            _groups.choose_dead_letter_id_plan(self.group, event, new_id())
+            _groups.choose_dead_letter_id_plan(self.group, event, proposed)
         )
+        # once: a member that died between an earlier append and the commit after it left
+        # this episode's line (same id) already; it is not written twice. Only an id chosen
+        # before (or a failed write of ours) can have a line: a fresh one is appended without
+        # reading the whole file first, which made each dead letter cost the file's size.
+        once = dead_letter_id != proposed
         entry = DeadLetter(
             id=dead_letter_id, group=self.group, topic=event.topic, partition=event.partition,
             offset=event.offset, key=event.key, payload=event.payload,
@@ -627,11 +633,10 @@ class Consumer:
         delay = self.config.retry_backoff or 0.1
         while True:
             try:
-                # once: a member that died between an earlier append and the commit after it
-                # left this episode's line (same id) already; it is not written twice.
-                entry = await asyncio.to_thread(self._deadletters.append, entry, once=True)
+                entry = await asyncio.to_thread(self._deadletters.append, entry, once=once)
                 break
             except DeadLetterError as exc:
+                once = True  # the line may be in the file (written, then fsync failed)
                 # Never move past an event that is not safely parked: keep trying.
                 log.error("%s: %s (retrying in %.1fs)", self.group, exc, delay)
                 if await _sleep_unless(self._stop, delay, revoked):

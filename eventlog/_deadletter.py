@@ -119,6 +119,16 @@ def parse_entry(raw: bytes) -> DeadLetter:
     return DeadLetter.from_dict(data)
 
 
+def _line_with(raw: bytes, entry: DeadLetter) -> bytes:
+    """The line of `entry`, a changed version of the entry on line `raw`: the fields of the
+    line that a DeadLetter does not know (another version's, a person's note) are kept."""
+    data = json.loads(raw)
+    if _SURROGATE_ESCAPE.search(raw):
+        data = _utf8_everywhere(data)
+    data.update(entry.to_dict())
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _utf8_everywhere(value: Any) -> Any:
     if isinstance(value, str):
         return utf8_text(value)
@@ -188,21 +198,20 @@ class DeadLetterFile:
 
     def _entry_with_id(self, dead_letter_id: str) -> DeadLetter | None:
         """The entry with this id, if the file has it (call under the lock)."""
+        needle = f'"id":"{dead_letter_id}"'.encode()
         try:
             with open(self.path, "rb") as f:
-                content = f.read()
+                for raw in f:  # a line at a time: the file may be large
+                    if needle not in raw:
+                        continue
+                    try:
+                        entry = parse_entry(raw)
+                    except (ValueError, TypeError):
+                        continue
+                    if entry.id == dead_letter_id:
+                        return entry
         except FileNotFoundError:
             return None
-        needle = f'"id":"{dead_letter_id}"'.encode()
-        for raw in content.splitlines():
-            if needle not in raw:
-                continue
-            try:
-                entry = parse_entry(raw)
-            except (ValueError, TypeError):
-                continue
-            if entry.id == dead_letter_id:
-                return entry
         return None
 
     def read(self) -> Listing:
@@ -232,7 +241,8 @@ class DeadLetterFile:
 
     def rewrite(self, change: Callable[[DeadLetter], DeadLetter | None]) -> list[DeadLetter]:
         """Apply `change` to every entry under the lock (None drops it); returns the entries
-        that changed or were dropped. Lines that are not entries are kept verbatim."""
+        that changed or were dropped. Lines that are not entries, and entries left unchanged,
+        are kept verbatim."""
         with self.prepare_rewrite(change) as rewrite:
             rewrite.commit()
         return rewrite.changed
@@ -244,6 +254,7 @@ class DeadLetterFile:
         lock = self._locked()
         try:
             lock.__enter__()
+            self._remove_stale_copies()
             try:
                 with open(self.path, "rb") as f:
                     content = f.read()
@@ -259,11 +270,12 @@ class DeadLetterFile:
                         out.append(raw)
                     continue
                 new = change(entry)
-                if new is not entry:
-                    changed.append(entry)
+                if new is entry:
+                    out.append(raw)  # untouched: kept as it is, fields we do not know too
+                    continue
+                changed.append(entry)
                 if new is not None:
-                    out.append(json.dumps(new.to_dict(), ensure_ascii=False,
-                                          separators=(",", ":")).encode("utf-8"))  # fmt: skip
+                    out.append(_line_with(raw, new))
             if not changed:
                 return Rewrite(self.path, lock, None, [])
             tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
@@ -288,6 +300,18 @@ class DeadLetterFile:
         except BaseException:
             lock.close()
             raise
+
+    def _remove_stale_copies(self) -> None:
+        """Remove the temporary copies of rewrites whose process died before renaming or
+        removing them (kill -9 mid-requeue): each is a whole copy of the file, payloads and
+        all. Under the lock, so no live rewrite's copy is among them."""
+        prefix = self.path.name + ".tmp-"
+        try:
+            for stale in self.path.parent.iterdir():
+                if stale.name.startswith(prefix) and stale.name[len(prefix) :].isdigit():
+                    stale.unlink(missing_ok=True)
+        except OSError:
+            pass  # tidying only: the rewrite does not depend on it
 
 
 class Rewrite:

@@ -25,7 +25,7 @@ from . import (
     _usage,
     app,
 )
-from ._format import _cell, _emit, _lane, _note, _Progress, _summary, _table, _utc
+from ._format import _cell, _emit, _lane, _note, _summary, _table, _utc, _while_running
 
 dlq_app = typer.Typer(cls=_Group, rich_markup_mode=None, context_settings=CONTEXT,
                       no_args_is_help=True)  # fmt: skip
@@ -204,15 +204,13 @@ def dlq_requeue(
     s = _settings(ctx, db, json_)
     _selectors(ctx, ids, group, all_)
     with _open(s) as log:
-        chosen = log.requeue_dead_letters(ids, group=group, all=all_, dry_run=True)
-        if not dry_run and chosen:
-            done: list[Any] = []
-            with _Progress(s, "requeueing") as progress:
-                for i in range(0, len(chosen), 200):
-                    part = [e.id for e in chosen[i : i + 200]]
-                    done += log.requeue_dead_letters(part)
-                    progress.update(len(done), len(chosen))
-            chosen = done
+        # One call, not one per slice of the entries: a requeue is all or nothing (a pruned
+        # event refuses it whole, as its error says), and the file is read and rewritten
+        # once, not once per slice (which made a large file's requeue quadratic).
+        chosen = _while_running(
+            s, "requeueing",
+            lambda: log.requeue_dead_letters(ids, group=group, all=all_, dry_run=dry_run),
+        )  # fmt: skip
     _dead_action_rows(s, chosen, ("requeue", "requeued"), dry_run)
     if chosen and not dry_run and not s.json:
         groups = sorted({e.group for e in chosen})
