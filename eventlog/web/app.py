@@ -113,11 +113,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def api(handler: Handler) -> Handler:
-    """Typed errors as JSON; anything unexpected is logged and answered with a 500."""
+    """Typed errors as JSON; anything unexpected is logged and answered with a 500. Once the
+    database file was replaced or removed, every call is a 503 StorageError."""
 
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         try:
+            state_of(request).hub.check_file()  # a replaced file: 503, never stale data
             return await handler(request)
         except HTTPError as exc:
             return error_response(exc.status, exc.kind, str(exc), exc.hint)

@@ -26,6 +26,7 @@ class StreamStart:
     cursor: ReadCursor
     floor: int  # the resume point: every matching event after it is still to be sent
     gap_first: int | None  # set when the resume point was pruned: the first offset left
+    gap_after: int | None = None  # the client's resume point, when the stream starts elsewhere
 
 
 def newest_of_start(start: StreamStart) -> int:
@@ -43,8 +44,17 @@ def stream_open_plan(
     partition's first stored event is past the next offset: then the events in between
     may have been deleted, and the client is told so (offsets are shared by all topics, so
     a partition starting late is not proof on its own).
+
+    A resume point past the head is an offset this log never handed out (the tab saw
+    another log: this one was restored from a backup or made anew). Waiting for the offsets
+    to get there would skip every event until then without a word: the stream starts after
+    the head instead, with a gap naming the client's resume point.
     """
     if resume is not None:
+        head = yield from _core.head_plan()
+        if resume > head:
+            cursor = yield from _core.open_cursor_plan(list(patterns), head + 1)
+            return StreamStart(cursor, head, head + 1, resume)
         cursor = yield from _core.open_cursor_plan(list(patterns), resume + 1)
         gap = None
         if resume > 0:

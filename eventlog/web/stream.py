@@ -9,7 +9,8 @@ Frames:
 - an id-only checkpoint (at most once per keep-alive period) when the log moved on without a
   matching event: the browser's Last-Event-ID follows it, so a reconnect never rescans
   what was filtered out;
-- `event: gap` (no id) when the resume point was pruned, naming the first offset left;
+- `event: gap` (no id) when the resume point was pruned, naming the first offset left, or
+  lies past the head (the log was restored or made anew): the stream goes on after the head;
 - `event: bye` when the server shuts down.
 
 Each connection has its own cursor and reads its own pages through the server's one
@@ -32,10 +33,10 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .. import _core, _times
+from .. import _core, _db, _times
 from .._async import AsyncLog, AsyncWaiter
 from .._core import Event, parse_whole
-from ..errors import EventlogError, InvalidArgument
+from ..errors import EventlogError, InvalidArgument, StorageError
 from . import queries
 from .auth import Receive, Scope, Send, send_json_error
 
@@ -61,6 +62,25 @@ class Hub:
         self._waiter: AsyncWaiter | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        # The file this server opened: replaced or removed, its connections go on with the
+        # old one, which nobody else reads (an append there would be lost).
+        self.db = alog.paths.db
+        self.file_id = _db.database_file_id(self.db)
+        self._relay_failing = False
+
+    def check_file(self) -> None:
+        """StorageError once the database file was replaced or removed since the server
+        opened it: nothing may be read from or written to the old one any more."""
+        try:
+            current: tuple[int, int] | None = _db.database_file_id(self.db)
+        except FileNotFoundError:
+            current = None
+        if current != self.file_id:
+            raise StorageError(
+                f"the database file {self.db} was replaced or removed while eventlog serve "
+                "had it open",
+                hint="restart eventlog serve to open the file that is there now",
+            )
 
     def start(self) -> None:
         # Subscribed before any stream reads: a commit after a stream's read always wakes it.
@@ -72,10 +92,13 @@ class Hub:
         while not self._stop.is_set():
             try:
                 changed = await self._waiter.wait(self._stop, None)
+                self._relay_failing = False
             except Exception as exc:
                 # (the database file replaced, say) the streams must go on: wake them every
-                # second instead
-                log.error("wake-ups failed, polling every second: %s", exc)
+                # second instead (said once, not every second)
+                if not self._relay_failing:
+                    log.error("wake-ups failed, polling every second: %s", exc)
+                    self._relay_failing = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
                 changed = True
@@ -245,6 +268,7 @@ class StreamEndpoint:
     ) -> None:
         alog = self.hub.alog
         try:
+            self.hub.check_file()
             opened = await alog.run_read(
                 queries.stream_open_plan(request.patterns, request.start, request.resume),
                 queries.newest_of_start,
@@ -259,7 +283,8 @@ class StreamEndpoint:
         cursor, last_id = opened.cursor, opened.floor
         head: list[bytes] = [f"retry: {RETRY_MS}\n\n".encode()]
         if opened.gap_first is not None:
-            gap = {"after": opened.floor, "first_available": opened.gap_first}
+            after = opened.gap_after if opened.gap_after is not None else opened.floor
+            gap = {"after": after, "first_available": opened.gap_first}
             head.append(f"event: gap\ndata: {json.dumps(gap)}\n\n".encode())
         head.append(f"id: {last_id}\n\n".encode())
         await self._send(send, b"".join(head), gone)
@@ -280,6 +305,7 @@ class StreamEndpoint:
                 return
             wake.clear()  # before the read: a commit after it sets it again
             try:
+                self.hub.check_file()
                 events, through = await alog.run_read(
                     queries.stream_page_plan(cursor, opened.floor, PAGE_EVENTS),
                     queries.newest_of_stream_page,

@@ -210,3 +210,98 @@ def test_a_failed_stream_open_does_not_stop_the_server_fsyncing_before_it_stream
             f"the server streamed events up to {offsets[-1]} that no fsync covers (the bad "
             f"stream request before got {status})"
         )
+
+
+# -- a resume point from another log (restored or made anew) ---------------------------------------
+
+
+@pytest.mark.parametrize("how", ["after", "last-event-id"])
+def test_a_resume_point_past_the_head_streams_what_comes_next_after_a_gap(
+    server: Server, how: str
+) -> None:
+    """A tab that followed a log later restored from an older backup (or made anew) comes
+    back with a Last-Event-ID past this log's head. The stream used to start there and stay
+    silent, keep-alives and all, until the offsets caught up: every event until then was
+    skipped without a word. It goes on after the head instead, and says so with a gap."""
+    with eventlog.open_sync(server.db) as log:
+        head = log.append_many([Draft("t", {"i": i}) for i in range(3)])[-1]
+    bogus = head + 1000
+    params: dict[str, Any] = {"topic": "t"}
+    headers = None
+    if how == "after":
+        params["after"] = bogus
+    else:
+        headers = {"Last-Event-ID": str(bogus)}
+    with SSE(server, params, headers=headers) as stream:
+        assert stream.next().retry is not None
+        gap = stream.next()
+        assert gap.event == "gap" and gap.id is None, gap
+        assert gap.json == {"after": bogus, "first_available": head + 1}
+        resume = stream.next()
+        assert resume.id is not None and resume.data is None
+        assert resume.offset == head, "the resume point named is past the head"
+        with eventlog.open_sync(server.db) as log:
+            later = log.append_many([Draft("t", {"i": i}) for i in range(3)])
+        assert [f.offset for f in stream.events(until=later[-1])] == later
+
+
+# -- the database file replaced or removed while serving ------------------------------------------
+
+
+def replace_database(db: Path) -> None:
+    """What a restore does: the old file's WAL and shared memory set aside, another log moved
+    over the path (the server keeps the old files open)."""
+    other = db.with_name("restored.db")
+    with eventlog.open_sync(other) as log:
+        log.append_many([Draft("restored", {"i": i}) for i in range(2)])
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    os.replace(other, db)
+
+
+@pytest.mark.parametrize("how", ["replaced", "removed"])
+def test_a_replaced_database_file_is_a_503_and_no_append_is_lost(
+    web_db: Path, servers: list[Server], how: str
+) -> None:
+    """The server's connections still hold the old file once the path names another one (or
+    none): reads showed the old log as if live, and an append answered 201 with an offset
+    while it went to a file nobody will ever open again."""
+    server = start_server(web_db)
+    servers.append(server)
+    client = server.writer()
+    assert client.post("/api/v1/topics/t/events", json={"payload": 1}).status_code == 201
+    if how == "replaced":
+        replace_database(web_db)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            web_db.with_name(web_db.name + suffix).unlink(missing_ok=True)
+    answer = client.post("/api/v1/topics/t/events", json={"payload": 2})
+    assert answer.status_code == 503, f"{answer.status_code} {answer.text}"
+    assert answer.json()["error"]["type"] == "StorageError"
+    for path in ("/api/v1/info", "/api/v1/topics", "/api/v1/topics/t/events", "/healthz"):
+        response = client.get(path)
+        assert response.status_code == 503, (path, response.status_code, response.text[:200])
+        assert response.json()["error"]["type"] == "StorageError", path
+    status, content_type, body = fresh_get(server, "/api/v1/stream")
+    assert status == 503 and content_type.startswith("application/json"), (status, body[:200])
+    if how == "replaced":
+        with eventlog.open_sync(web_db) as log:
+            assert {e.topic for e in log.read("#")} == {"restored"}
+
+
+def test_an_open_stream_ends_when_the_database_file_is_replaced(
+    web_db: Path, servers: list[Server]
+) -> None:
+    """A stream left open on the old file kept sending keep-alives (and whatever was still
+    appended to the old file) for ever; it ends, and the browser's reconnect gets the 503."""
+    server = start_server(web_db, "--keepalive", "0.5")
+    servers.append(server)
+    with SSE(server, {"topic": "#"}) as stream:
+        stream.next()
+        stream.next()  # the resume point: the stream is open
+        replace_database(web_db)
+        with pytest.raises(EOFError):
+            for _ in range(60):  # keep-alives every 0.5 s; ended, it stops after one wake-up
+                stream.next()
+    assert "replaced or removed" in server.stderr()
+    assert server.stderr().count("wake-ups failed") <= 1, "the same failure logged over and over"

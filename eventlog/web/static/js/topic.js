@@ -117,7 +117,9 @@ async function startLive() {
     onGap: (gap) => {
       const notice = $("#notice");
       notice.className = "warning";
-      notice.textContent = `Events after offset ${fmtNum(gap.after)} were pruned before this page read them; the stream goes on from offset ${fmtNum(gap.first_available)}.`;
+      notice.textContent = gap.first_available > gap.after
+        ? `Events after offset ${fmtNum(gap.after)} were pruned before this page read them; the stream goes on from offset ${fmtNum(gap.first_available)}.`
+        : `Offset ${fmtNum(gap.after)} is past this log's head (it was restored or made anew); the stream goes on from offset ${fmtNum(gap.first_available)}: reload to see the events before it.`;
       notice.hidden = false;
     },
   });
