@@ -391,11 +391,13 @@ async def test_appends_wait_for_another_writer_then_all_commit(log: Any, db_path
 @pytest.mark.parametrize("durability", ["normal"])
 async def test_sustained_appends_keep_the_wal_bounded(log: Any, db_path: Path) -> None:
     # One coroutine appending without pause: a checkpoint that waits for the event loop, or
-    # for a quiet moment, never comes, and the WAL grew by a page or two per append.
-    for i in range(6000):
+    # for a quiet moment, never comes, and the WAL grew by a page or two per append (104 MiB
+    # here). Held, it stays at SQLite's backstop, 16 MiB; the room above that is for
+    # checkpoints a loaded machine delays.
+    for i in range(12_000):
         await log.append("t", {"i": i, "pad": "x" * 200})
     wal = os.path.getsize(f"{db_path}-wal")
-    assert wal < 24 * 2**20, f"the WAL grew to {wal / 2**20:.0f} MiB for ~2 MiB of events"
+    assert wal < 40 * 2**20, f"the WAL grew to {wal / 2**20:.0f} MiB for ~4 MiB of events"
 
 
 @pytest.mark.parametrize("flavor", ["sync"])
