@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 import eventlog
+from eventlog import _deadletter
 
 TESTS = Path(__file__).parent
 CHILD = TESTS / "procs" / "child.py"
@@ -58,6 +59,19 @@ def sql(db_path: str | os.PathLike[str], query: str, params: tuple[Any, ...] = (
     """The rows of one statement, through a plain connection."""
     with raw(db_path) as conn:
         return conn.execute(query, params).fetchall()
+
+
+def dead_letter(**fields: Any) -> _deadletter.DeadLetter:
+    """A dead-letter entry as a consumer writes one; `fields` override the defaults."""
+    base: dict[str, Any] = {
+        "id": _deadletter.new_id(), "group": "billing", "topic": "orders", "partition": 0,
+        "offset": 1, "key": None, "payload": {"n": 1}, "headers": {},
+        "event_time_ms": 1_700_000_000_000, "attempts": 3, "first_failed_at_ms": None,
+        "last_failed_at_ms": None, "error_type": "ValueError", "error_message": "bad",
+        "traceback": "Traceback ...", "dead_lettered_at_ms": int(time.time() * 1000),
+    }  # fmt: skip
+    base.update(fields)
+    return _deadletter.DeadLetter(**base)
 
 
 def dump(db_path: str | os.PathLike[str]) -> dict[str, list[tuple[Any, ...]]]:

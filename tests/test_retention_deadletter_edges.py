@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, dump, sql
+from conftest import cli, dead_letter, dump, sql
 from test_cli import ok
 
 import eventlog
@@ -25,15 +24,7 @@ from eventlog._db import Paths
 
 
 def entry(offset: int, **fields: Any) -> _deadletter.DeadLetter:
-    base: dict[str, Any] = {
-        "id": _deadletter.new_id(), "group": "billing", "topic": "orders", "partition": 0,
-        "offset": offset, "key": None, "payload": {"n": offset}, "headers": {},
-        "event_time_ms": 1_700_000_000_000, "attempts": 3, "first_failed_at_ms": None,
-        "last_failed_at_ms": None, "error_type": "ValueError", "error_message": "bad",
-        "traceback": "Traceback ...", "dead_lettered_at_ms": int(time.time() * 1000),
-    }  # fmt: skip
-    base.update(fields)
-    return _deadletter.DeadLetter(**base)
+    return dead_letter(offset=offset, payload={"n": offset}, **fields)
 
 
 def write_entries(db: Path, entries: list[_deadletter.DeadLetter]) -> Path:
