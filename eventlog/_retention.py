@@ -145,6 +145,16 @@ def _count_upto_plan(lane: Lane, upto: int) -> Plan[int]:
     return int(rows[0][0])
 
 
+def _unhandled_plan(lane: Lane, bound: int, wanted: int, holds: list[Hold]) -> Plan[int]:
+    """How many of the `wanted` events up to `bound` some group has not handled: a group's
+    from its position on; a requeued dead letter's, that one event (the events after it were
+    handled)."""
+    floor = min([bound] + [h.position for h in holds if not h.redelivery])
+    below = wanted if floor == bound else (yield from _count_upto_plan(lane, floor))
+    requeued = {h.position + 1 for h in holds if h.redelivery and h.position < floor}
+    return wanted - below + len(requeued)
+
+
 def prune_survey_plan(retention: Retention, force: bool) -> Plan[list[LanePrune]]:
     """Per lane, what retention would delete and what the groups let go of."""
     infos = yield from _core.topics_plan()
@@ -183,9 +193,10 @@ def prune_survey_plan(retention: Retention, force: bool) -> Plan[list[LanePrune]
             count = wanted_count if upto == bound else (yield from _count_upto_plan(lane, upto))
             if force:
                 # deleted all the same, and said: nothing else tells those groups
+                unhandled = yield from _unhandled_plan(lane, bound, wanted_count, holds)
                 lanes.append(LanePrune(lane[0], p, bound, bound, wanted_count, 0, [],
                                        holds if count < wanted_count else [],
-                                       wanted_count - count))  # fmt: skip
+                                       unhandled))  # fmt: skip
                 continue
             lanes.append(LanePrune(lane[0], p, upto, bound, count, wanted_count - count,
                                    holds if count < wanted_count else []))  # fmt: skip

@@ -61,7 +61,7 @@ def sql(db_path: str | os.PathLike[str], query: str, params: tuple[Any, ...] = (
         return conn.execute(query, params).fetchall()
 
 
-def dead_letter(**fields: Any) -> _deadletter.DeadLetter:
+def dead_letter_entry(**fields: Any) -> _deadletter.DeadLetter:
     """A dead-letter entry as a consumer writes one; `fields` override the defaults."""
     base: dict[str, Any] = {
         "id": _deadletter.new_id(), "group": "billing", "topic": "orders", "partition": 0,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, dead_letter, dump
+from conftest import cli, dead_letter_entry, dump
 
 import eventlog
 from eventlog import _deadletter
@@ -53,7 +53,7 @@ def consumed(db: Path) -> Path:
 
 def with_dead_letter(db: Path, extra_line: bytes = b"") -> Path:
     path = Paths.for_db(db).deadletter
-    _deadletter.DeadLetterFile(Paths.for_db(db)).append(dead_letter())
+    _deadletter.DeadLetterFile(Paths.for_db(db)).append(dead_letter_entry())
     with open(path, "ab") as f:
         f.write(extra_line)
     return path
@@ -152,7 +152,7 @@ def test_cli_verbs_survive_a_dead_letter_line_that_is_json_null(db: Path, verb: 
 def test_cli_dlq_list_survives_an_entry_with_wrong_field_types(
     db: Path, fields: dict[str, Any], verb: list[str]
 ) -> None:
-    bad = dead_letter(**fields).to_dict()
+    bad = dead_letter_entry(**fields).to_dict()
     path = with_dead_letter(db, json.dumps(bad).encode() + b"\n")
     before = path.read_bytes()
     no_traceback(cli(db, *verb), codes=(0, 1))
@@ -162,7 +162,7 @@ def test_cli_dlq_list_survives_an_entry_with_wrong_field_types(
 def test_cli_dlq_list_survives_an_escaped_lone_surrogate_in_an_entry(db: Path) -> None:
     # json.dumps' default (ensure_ascii) writes it as an escape: a hand-edited or tool-written
     # file can hold it, and json.loads reads it back as a lone surrogate.
-    line = json.dumps(dead_letter(error_message="bad \ud800").to_dict()).encode() + b"\n"
+    line = json.dumps(dead_letter_entry(error_message="bad \ud800").to_dict()).encode() + b"\n"
     path = with_dead_letter(db, line)
     before = path.read_bytes()
     for verb in (["dlq", "list"], ["--json", "dlq", "list"]):
@@ -188,7 +188,7 @@ def test_requeue_that_cannot_mark_the_file_leaves_the_database_unchanged(db: Pat
 def test_an_entry_whose_text_utf8_cannot_hold_is_read_and_requeued_escaped(db: Path) -> None:
     # json.dumps' default writes a lone surrogate as an escape: a hand-edited or tool-written
     # line can hold one, and json.loads reads it back as text that UTF-8 cannot encode.
-    line = json.dumps(dead_letter(error_message="bad \udcff").to_dict()).encode() + b"\n"
+    line = json.dumps(dead_letter_entry(error_message="bad \udcff").to_dict()).encode() + b"\n"
     path = Paths.for_db(db).deadletter
     path.write_bytes(line)
     with eventlog.open_sync(db) as log:

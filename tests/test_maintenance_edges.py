@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, sql
+from conftest import cli, dead_letter_entry, sql
 from test_migrate import _version_one_file
 
 import eventlog
@@ -30,12 +30,7 @@ def rows(out: str) -> list[dict[str, Any]]:
 
 
 def dead_letter(db: Path, group: str, topic: str, offset: int) -> str:
-    entry = _deadletter.DeadLetter(
-        id=_deadletter.new_id(), group=group, topic=topic, partition=0, offset=offset, key=None,
-        payload={"n": offset}, headers={}, event_time_ms=1_700_000_000_000, attempts=3,
-        first_failed_at_ms=None, last_failed_at_ms=None, error_type="ValueError",
-        error_message="bad", traceback="", dead_lettered_at_ms=1_700_000_000_000,
-    )  # fmt: skip
+    entry = dead_letter_entry(group=group, topic=topic, offset=offset, payload={"n": offset})
     _deadletter.DeadLetterFile(Paths.for_db(db)).append(entry)
     return entry.id
 
@@ -211,3 +206,26 @@ def test_forced_prune_names_the_groups_whose_unhandled_events_it_deleted(tmp_pat
     assert "billing" in out.stderr + out.stdout, (out.stdout, out.stderr)
     dry = cli(db, "--json", "prune", "--keep-last", "0", "--force", "--dry-run")
     assert len(rows(dry.stdout)) == 1 and "billing" in dry.stderr, (dry.stdout, dry.stderr)
+
+
+def test_forced_prune_counts_a_requeued_dead_letter_as_one_unhandled_event(tmp_path: Path) -> None:
+    """A group that handled all ten events but has event 3 requeued: forcing a prune of all
+    of them takes one event it has not handled yet, not the eight from 3 on."""
+    db = tmp_path / "app.db"
+    with eventlog.open_sync(db) as log:
+        log.append_many([eventlog.Draft("orders", {"n": i}) for i in range(10)])
+    sql(db, "INSERT INTO eventlog_group_offsets VALUES ('billing', 'orders', 0, 10, NULL, NULL, 0)")
+    dead_letter(db, "billing", "orders", 3)
+    with eventlog.open_sync(db) as log:
+        assert len(log.requeue_dead_letters(all=True)) == 1
+        report = _retention.prune(log, _retention.Retention(None, 0, None), force=True)
+    assert report.events == 10
+    assert report.unhandled == 1
+    # and a group behind as well: its events from its position on, the requeued one below it
+    with eventlog.open_sync(db) as log:
+        log.append_many([eventlog.Draft("orders", {"n": i}) for i in range(10)])  # 11..20
+    sql(db, "UPDATE eventlog_group_offsets SET position = 15")
+    sql(db, "INSERT INTO eventlog_redeliveries VALUES ('billing', 12, 'x', 0)")
+    with eventlog.open_sync(db) as log:
+        report = _retention.prune(log, _retention.Retention(None, 0, None), force=True)
+    assert report.unhandled == 5 + 1

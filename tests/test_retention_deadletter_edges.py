@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, dead_letter, dump, sql
+from conftest import cli, dead_letter_entry, dump, sql
 from test_cli import ok
 
 import eventlog
@@ -24,7 +24,7 @@ from eventlog._db import Paths
 
 
 def entry(offset: int, **fields: Any) -> _deadletter.DeadLetter:
-    return dead_letter(offset=offset, payload={"n": offset}, **fields)
+    return dead_letter_entry(offset=offset, payload={"n": offset}, **fields)
 
 
 def write_entries(db: Path, entries: list[_deadletter.DeadLetter]) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import raw
+from conftest import dead_letter_entry, raw
 
 import eventlog
 from eventlog import Draft, _core, _db, _deadletter, _members, _replay
@@ -43,13 +43,19 @@ def set_position(db: Path, group: str, topic: str, first_to_deliver: int) -> Non
 
 def dead_letter(db: Path, group: str, topic: str, offset: int, error: str = "ValueError",
                 at_ms: int | None = None) -> _deadletter.DeadLetter:  # fmt: skip
-    entry = _deadletter.DeadLetter(
-        id=_deadletter.new_id(), group=group, topic=topic, partition=0, offset=offset,
-        key=None, payload={"n": offset}, headers={}, event_time_ms=1, attempts=3,
-        first_failed_at_ms=1, last_failed_at_ms=2, error_type=error,
-        error_message=f"boom {offset}", traceback="Traceback: line 1\n",
+    entry = dead_letter_entry(
+        group=group,
+        topic=topic,
+        offset=offset,
+        payload={"n": offset},
+        event_time_ms=1,
+        first_failed_at_ms=1,
+        last_failed_at_ms=2,
+        error_type=error,
+        error_message=f"boom {offset}",
+        traceback="Traceback: line 1\n",
         dead_lettered_at_ms=at_ms if at_ms is not None else _core.now_ms(),
-    )  # fmt: skip
+    )
     return _deadletter.DeadLetterFile(_db.Paths.for_db(db)).append(entry)
 
 
