@@ -173,6 +173,11 @@ class DeadLetterFile:
                 if once:
                     earlier = self._entry_with_id(entry.id)
                     if earlier is not None:
+                        # its writer may have died (or failed to fsync, or to fsync the
+                        # new file's folder) after the write: durable before it stands for
+                        # this one
+                        fsync_file(self.path)
+                        fsync_folder(self.path.parent)
                         return earlier
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                              0o600)  # fmt: skip
@@ -386,13 +391,17 @@ def _last_byte(path: os.PathLike[str], size: int) -> bytes:
         return f.read(1)
 
 
-def fsync_folder(folder: os.PathLike[str]) -> None:
-    """Make a rename or a new file in the folder durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_file(path: os.PathLike[str], flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_folder(folder: os.PathLike[str]) -> None:
+    """Make a rename or a new file in the folder durable."""
+    fsync_file(folder, os.O_DIRECTORY)
 
 
 def choose(

@@ -151,8 +151,11 @@ def _unhandled_plan(lane: Lane, bound: int, wanted: int, holds: list[Hold]) -> P
     handled)."""
     floor = min([bound] + [h.position for h in holds if not h.redelivery])
     below = wanted if floor == bound else (yield from _count_upto_plan(lane, floor))
-    requeued = {h.position + 1 for h in holds if h.redelivery and h.position < floor}
-    return wanted - below + len(requeued)
+    if not any(h.redelivery and h.position < floor for h in holds):
+        return wanted - below
+    # every requeued event up to the floor, not the holds': those name each group's first
+    rows = yield Stmt(_sql.REDELIVERED_IN_LANE_UPTO, (lane[0], lane[1], floor))
+    return wanted - below + int(rows[0][0])
 
 
 def prune_survey_plan(retention: Retention, force: bool) -> Plan[list[LanePrune]]:

@@ -286,6 +286,13 @@ LANE_NEWEST_IDS = (
 GROUP_POSITIONS_IN_TOPIC = (
     "SELECT group_name, partition, position FROM eventlog_group_offsets WHERE topic = ?"
 )
+# Every requeued event of a lane up to an offset (REDELIVERIES_IN_TOPIC has each group's
+# first only): what a forced prune takes that those groups have not handled.
+REDELIVERED_IN_LANE_UPTO = (
+    "SELECT count(DISTINCT r.event_offset) FROM eventlog_redeliveries r"
+    " JOIN eventlog_events e ON e.id = r.event_offset"
+    " WHERE e.topic = ? AND e.partition = ? AND r.event_offset <= ?"
+)
 REDELIVERIES_IN_TOPIC = (
     "SELECT r.group_name, e.partition, min(r.event_offset) FROM eventlog_redeliveries r"
     " JOIN eventlog_events e ON e.id = r.event_offset WHERE e.topic = ?"

@@ -229,3 +229,25 @@ def test_forced_prune_counts_a_requeued_dead_letter_as_one_unhandled_event(tmp_p
     with eventlog.open_sync(db) as log:
         report = _retention.prune(log, _retention.Retention(None, 0, None), force=True)
     assert report.unhandled == 5 + 1
+
+
+def test_forced_prune_counts_every_requeued_dead_letter_of_a_group_in_a_lane(
+    tmp_path: Path,
+) -> None:
+    """A group that handled all ten events but has events 3 and 5 requeued: forcing a prune of
+    all of them takes two events it has not handled yet (it said one: the holds name only
+    each group's first requeued event per lane)."""
+    db = tmp_path / "app.db"
+    with eventlog.open_sync(db) as log:
+        log.append_many([eventlog.Draft("orders", {"n": i}) for i in range(10)])
+    sql(db, "INSERT INTO eventlog_group_offsets VALUES ('billing', 'orders', 0, 10, NULL, NULL, 0)")
+    file = _deadletter.DeadLetterFile(Paths.for_db(db))
+    for offset in (3, 5):
+        file.append(dead_letter_entry(offset=offset, payload={"n": offset}))
+    with eventlog.open_sync(db) as log:
+        assert len(log.requeue_dead_letters(all=True)) == 2
+        dry = _retention.prune(log, _retention.Retention(None, 0, None), force=True,
+                               dry_run=True)  # fmt: skip
+        report = _retention.prune(log, _retention.Retention(None, 0, None), force=True)
+    assert dry.unhandled == 2
+    assert report.events == 10 and report.unhandled == 2

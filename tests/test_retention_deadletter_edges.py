@@ -7,6 +7,7 @@ change as they were."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -202,3 +203,31 @@ def test_a_requeue_killed_before_its_rename_leaves_no_copy_behind_once_requeued_
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 3
     assert copies() == [], f"a dead process's copy of the dead-letter file is left: {copies()}"
+
+
+def test_a_dead_letter_left_by_an_earlier_write_is_fsynced_before_it_stands_for_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member killed between its line's write and its fsync leaves the line in the page
+    cache only. The member that takes the lane finds it (the episode's id was committed) and
+    commits past the event: that line must be on disk first, or a power cut loses the event
+    from both the group and the dead-letter file (guarantee 3)."""
+    db = tmp_path / "app.db"
+    eventlog.open_sync(db).close()
+    paths = Paths.for_db(db)
+    earlier = dead_letter_entry()
+    paths.deadletter.write_text(json.dumps(earlier.to_dict(), separators=(",", ":")) + "\n")
+    synced: list[int] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    again = dead_letter_entry(id=earlier.id, error_message="the retry's")
+    got = _deadletter.DeadLetterFile(paths).append(again, once=True)
+    monkeypatch.undo()
+    assert got == earlier
+    assert len(paths.deadletter.read_text().splitlines()) == 1
+    assert paths.deadletter.stat().st_ino in synced, "the line found was never fsynced"

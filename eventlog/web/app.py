@@ -119,8 +119,14 @@ def api(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         try:
-            state_of(request).hub.check_file()  # a replaced file: 503, never stale data
-            return await handler(request)
+            hub = state_of(request).hub
+            hub.check_file()  # a replaced file: 503, never stale data
+            response = await handler(request)
+            if request.method not in ("GET", "HEAD"):
+                # and after a write: a file replaced while the body was still arriving
+                # took it in the old file, which nobody will read
+                hub.check_file()
+            return response
         except HTTPError as exc:
             return error_response(exc.status, exc.kind, str(exc), exc.hint)
         except EventlogError as exc:

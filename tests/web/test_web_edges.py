@@ -305,3 +305,28 @@ def test_an_open_stream_ends_when_the_database_file_is_replaced(
                 stream.next()
     assert "replaced or removed" in server.stderr()
     assert server.stderr().count("wake-ups failed") <= 1, "the same failure logged over and over"
+
+
+def test_an_append_that_was_in_flight_when_the_file_was_replaced_is_a_503(
+    web_db: Path, servers: list[Server]
+) -> None:
+    """The file check ran when the request came in, before its body was read: a client
+    still sending it when a restore moved another log over the path got 201 and an offset
+    for an event written to a file nobody will open again."""
+    server = start_server(web_db)
+    servers.append(server)
+    client, probe = server.writer(), server.client()
+    assert client.post("/api/v1/topics/t/events", json={"payload": 1}).status_code == 201
+
+    def body() -> Iterator[bytes]:
+        yield b'{"payload": '
+        # the server has the request (a later one on another connection was answered),
+        # and is waiting for the rest of its body
+        assert probe.get("/api/v1/info").status_code == 200
+        replace_database(web_db)
+        yield b"2}"
+
+    answer = client.post("/api/v1/topics/t/events", content=body(),
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert answer.status_code == 503, f"{answer.status_code} {answer.text}"
+    assert answer.json()["error"]["type"] == "StorageError"
